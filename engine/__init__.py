@@ -1,0 +1,20 @@
+"""Flotilla's inference engine. Public names follow vLLM's so scripts migrate unchanged."""
+
+from flotilla.engine.async_engine import AsyncLLMEngine
+from flotilla.engine.config import EngineArgs
+from flotilla.engine.llm import LLM
+from flotilla.engine.llm_engine import LLMEngine
+from flotilla.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from flotilla.engine.sampling_params import SamplingParams
+
+__all__ = [
+    "AsyncLLMEngine",
+    "CompletionOutput",
+    "EngineArgs",
+    "LLM",
+    "LLMEngine",
+    "Logprob",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+]

@@ -1,0 +1,116 @@
+"""Engine arguments, named as vLLM names them, and the resolved configuration the engine runs with."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+@dataclass
+class EngineArgs:
+    """Everything that configures an engine. Field names follow vLLM's ``EngineArgs``."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    # KV-cache memory on CPU in GiB, as vLLM's CPU backend sets it with VLLM_CPU_KVCACHE_SPACE.
+    cpu_kvcache_space_gib: float | None = None
+    swap_space: float = 4.0
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    load_format: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    served_model_name: str | None = None
+    trust_remote_code: bool = False
+    enforce_eager: bool = True
+    disable_log_stats: bool = True
+    revision: str | None = None
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+        """Build from keyword arguments, rejecting names vLLM users might mistype with a clear error."""
+        unknown = sorted(set(kwargs) - cls.field_names())
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def resolve_device(self) -> torch.device:
+        if self.device != "auto":
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def resolve_dtype(self, config_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+        """``auto`` takes the checkpoint's half dtype on GPU (bf16 when it is fp32) and fp32 on CPU, where
+        exact agreement with transformers matters more than speed; ask for bfloat16 explicitly to go fast."""
+        if self.dtype != "auto":
+            if self.dtype not in _DTYPES:
+                raise ValueError(f"dtype: unsupported value {self.dtype!r}; use one of {sorted(_DTYPES)}")
+            return _DTYPES[self.dtype]
+        if device.type == "cuda":
+            return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        return torch.float32
+
+    def validate(self) -> None:
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size: must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format: must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override: must be >= 1, got {self.num_gpu_blocks_override}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool
+
+
+def default_cpu_kvcache_gib(args: EngineArgs) -> float:
+    """KV-cache space on CPU: the argument, else VLLM_CPU_KVCACHE_SPACE (vLLM's knob), else 4 GiB."""
+    if args.cpu_kvcache_space_gib is not None:
+        return args.cpu_kvcache_space_gib
+    env = os.environ.get("FLOTILLA_CPU_KVCACHE_SPACE") or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    return float(env) if env else 4.0

@@ -1,0 +1,88 @@
+"""``LLM``: offline batch generation, vLLM's entry point for scripts and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from flotilla.engine.config import EngineArgs
+from flotilla.engine.llm_engine import LLMEngine, PromptType
+from flotilla.engine.outputs import RequestOutput
+from flotilla.engine.sampling_params import SamplingParams
+
+
+class LLM:
+    """``LLM(model, **engine_args).generate(prompts, sampling_params)``. ``model=None`` serves the bundled
+    SmolLM2-135M-Instruct."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.llm_engine = LLMEngine(EngineArgs.from_kwargs(model=model, **kwargs))
+        self._counter = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of ``prompts``."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(prompts):
+                raise ValueError("sampling_params: a list must have one entry per prompt")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        engine = self.llm_engine
+        # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
+        parents = []
+        for prompt, p in zip(prompts, params):
+            parents.append(engine.make_requests(str(self._counter), prompt, p))
+            self._counter += 1
+        for parent in parents:
+            engine.enqueue(parent)
+        ids = [p.request_id for p in parents]
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (or a list of them) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.get_tokenizer()
+        prompts: list[PromptType] = []
+        for conv in conversations:
+            ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
+                                          add_generation_prompt=add_generation_prompt, return_dict=False)
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        pending = set(ids)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while pending:
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        results[out.request_id] = out
+                        pending.discard(out.request_id)
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request(list(pending))  # leave the engine clean for the next call
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]

@@ -1,0 +1,353 @@
+"""``LLMEngine``: the synchronous engine loop (add_request / step / abort), with vLLM's names.
+
+One step: the scheduler picks requests and token counts, the model runner computes and samples, and
+``_update`` appends tokens, applies stop rules, frees finished requests' blocks and builds outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Union
+
+import torch
+
+from flotilla.engine.block_manager import BlockManager
+from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, default_cpu_kvcache_gib
+from flotilla.engine.detokenizer import IncrementalDetokenizer
+from flotilla.engine.model_loader import (
+    config_dtype,
+    generation_eos_ids,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from flotilla.engine.model_runner import ModelRunner, kv_bytes_per_block
+from flotilla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from flotilla.engine.request import Request, RequestStatus
+from flotilla.engine.sampling_params import SamplingParams
+from flotilla.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+# A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges the metrics endpoint exports (vLLM's names in comments)."""
+
+    num_running: int  # vllm:num_requests_running
+    num_waiting: int  # vllm:num_requests_waiting
+    kv_cache_usage: float  # vllm:kv_cache_usage_perc
+    num_preemptions: int  # vllm:num_preemptions_total
+    prefix_cache_queries: int  # vllm:prefix_cache_queries_total
+    prefix_cache_hits: int  # vllm:prefix_cache_hits_total
+    prompt_tokens: int  # vllm:prompt_tokens_total (tokens computed for prompts)
+    generation_tokens: int  # vllm:generation_tokens_total
+
+
+@dataclass
+class _Parent:
+    """A user request: ``n`` child sequences sharing one prompt and one set of metrics."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer | None]
+    metrics: RequestMetrics
+
+    @property
+    def finished(self) -> bool:
+        return all(c.status.finished for c in self.children)
+
+
+class LLMEngine:
+    """Synchronous engine. ``add_request`` validates and queues; each ``step`` runs one batch and returns
+    the ``RequestOutput`` of every request that made progress (cumulative text and tokens)."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        args.validate()
+        self.args = args
+        t0 = time.perf_counter()
+        self.device = args.resolve_device()
+        self.source = resolve_model(args.model, args.load_format)
+        self.model_config = load_config(self.source)
+        self.dtype = args.resolve_dtype(config_dtype(self.model_config), self.device)
+        self.tokenizer = load_tokenizer(self.source, args.tokenizer)
+        self.eos_token_ids = generation_eos_ids(self.source, self.tokenizer, self.model_config)
+        torch.manual_seed(args.seed)
+        model = load_model(self.source, self.model_config, self.dtype, self.device, args.seed)
+        self.model_name = args.served_model_name or args.model or self.source.name
+
+        max_model_len = args.max_model_len or self.model_config.max_position_embeddings
+        if max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings "
+                             f"({self.model_config.max_position_embeddings})")
+        max_batched = args.max_num_batched_tokens or (
+            max(2048, args.max_num_seqs) if args.enable_chunked_prefill else max(max_model_len, args.max_num_seqs))
+        if not args.enable_chunked_prefill and max_batched < max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({max_batched}) must be >= max_model_len ({max_model_len}) "
+                             "when chunked prefill is disabled")
+        self.runner = ModelRunner(model, self.model_config, self.device, self.dtype, args.block_size, args.seed)
+        num_blocks = self._num_kv_blocks(args, max_batched)
+        capacity = num_blocks * args.block_size
+        if capacity < max_model_len:
+            if args.max_model_len is not None:
+                raise ValueError(f"max_model_len ({max_model_len}) is larger than the KV cache holds ({capacity} "
+                                 "tokens): lower max_model_len or give the cache more memory")
+            max_model_len = capacity
+        self.runner.allocate_kv_cache(num_blocks)
+        self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, max_batched, max_model_len,
+                                                args.enable_chunked_prefill)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.max_model_len = max_model_len
+        self._parents: dict[str, _Parent] = {}
+        self._children: dict[str, tuple[_Parent, int]] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.model_load_seconds = time.perf_counter() - t0
+        logger.info(
+            "engine ready: model %s, %s on %s, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d, load %.1fs",
+            self.source.name, self.dtype, self.device, num_blocks, args.block_size,
+            num_blocks * kv_bytes_per_block(self.model_config, args.block_size, self.dtype) / 2**30,
+            max_model_len, self.model_load_seconds)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args)
+
+    def _num_kv_blocks(self, args: EngineArgs, max_batched: int) -> int:
+        if args.num_gpu_blocks_override is not None:
+            return args.num_gpu_blocks_override
+        per_block = kv_bytes_per_block(self.model_config, args.block_size, self.dtype)
+        if self.device.type == "cuda":
+            blocks = self.runner.profile_num_blocks(args.gpu_memory_utilization, max_batched)
+            if blocks < 1:
+                raise ValueError("no GPU memory left for the KV cache: raise gpu_memory_utilization or use a "
+                                 "smaller model / max_num_batched_tokens")
+            return blocks
+        return max(int(default_cpu_kvcache_gib(args) * 2**30 // per_block), 1)
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def make_requests(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
+                      arrival_time: float | None = None, cache_salt: str | None = None) -> _Parent:
+        """Validate and tokenize without touching engine state (safe to call from another thread)."""
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        if request_id in self._parents:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len "
+                             f"({self.max_model_len})")
+        params = params.with_eos(self.eos_token_ids)
+        metrics = RequestMetrics(arrival_time=arrival_time or time.time())
+        children = []
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                # Each of the n samples gets its own stream, so n > 1 with a seed is not n copies.
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            children.append(Request(child_id, token_ids, params, metrics, self.max_model_len, cache_salt,
+                                    parent_id=request_id, index=i, generator=generator))
+        needed = self.block_manager.blocks_needed(children[0].max_total_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(f"prompt: needs {needed} KV blocks but the cache has {self.block_manager.num_blocks}; "
+                             "it could never be scheduled")
+        detoks = [
+            IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output,
+                                   params.skip_special_tokens) if params.detokenize else None
+            for _ in children
+        ]
+        return _Parent(request_id, text, token_ids, children, detoks, metrics)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+
+    def enqueue(self, parent: _Parent) -> None:
+        if parent.request_id in self._parents:
+            raise ValueError(f"request_id: {parent.request_id!r} is already in use")
+        self._parents[parent.request_id] = parent
+        for i, child in enumerate(parent.children):
+            self._children[child.request_id] = (parent, i)
+            self.scheduler.add(child)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+        self.enqueue(self.make_requests(request_id, prompt, params, arrival_time, cache_salt))
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """Abort requests (unknown or finished ids are ignored); their blocks are freed at once."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        outputs = []
+        for rid in ids:
+            parent = self._parents.get(rid)
+            if parent is None:
+                continue
+            for child in parent.children:
+                if not child.status.finished:
+                    self._finish(child, RequestStatus.FINISHED_ABORTED)
+            outputs.append(self._output(parent))
+            self._forget(parent)
+        return outputs
+
+    abort = abort_request
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        now = time.time()
+        for s in sched.scheduled:
+            if s.request.metrics.first_scheduled_time is None:
+                s.request.metrics.first_scheduled_time = now
+        result = self.runner.execute(sched)
+        return self._update(sched, result)
+
+    def _update(self, sched, result) -> list[RequestOutput]:
+        now = time.time()
+        changed: dict[str, _Parent] = {}
+        for s in sched.scheduled:
+            r = s.request
+            start = r.num_computed_tokens
+            r.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(r)
+            parent, _ = self._children[r.request_id]
+            lps = result.prompt_logprobs.get(r.request_id)
+            if lps is not None:
+                if r.prompt_logprobs is None:
+                    r.prompt_logprobs = [None]
+                if len(r.prompt_logprobs) == start + 1:  # not already recorded before a preemption
+                    r.prompt_logprobs.extend(lps)
+            token = result.sampled.get(r.request_id)
+            if token is None:
+                continue
+            self._append(parent, r, token, result.logprobs.get(r.request_id), now)
+            changed[parent.request_id] = parent
+        outputs = []
+        for parent in changed.values():
+            outputs.append(self._output(parent))
+            if parent.finished:
+                self._forget(parent)
+        return outputs
+
+    def _append(self, parent: _Parent, r: Request, token: int, logprobs, now: float) -> None:
+        r.append_token(token)
+        self.generation_tokens_total += 1
+        m = r.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+            self.prompt_tokens_total += r.num_prompt_tokens
+        m.last_token_time = now
+        if logprobs is not None:
+            r.cumulative_logprob += logprobs[token].logprob
+            r.logprobs.append(logprobs)  # type: ignore[union-attr]
+        p = r.sampling_params
+        n_out = len(r.output_token_ids)
+        may_stop = n_out >= p.min_tokens
+        detok = parent.detokenizers[r.index]
+        stop_str = detok.update(token, check_stop=may_stop) if detok is not None else None
+        if may_stop and not p.ignore_eos and token in p._eos_token_ids:
+            self._finish(r, RequestStatus.FINISHED_STOPPED)
+        elif may_stop and token in (p.stop_token_ids or ()):
+            r.stop_reason = token
+            self._finish(r, RequestStatus.FINISHED_STOPPED)
+        elif stop_str is not None:
+            r.stop_reason = stop_str
+            self._finish(r, RequestStatus.FINISHED_STOPPED)
+        elif r.num_tokens >= r.max_total_tokens:
+            self._finish(r, RequestStatus.FINISHED_LENGTH)
+
+    def _finish(self, r: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(r, status)
+        r.metrics.finished_time = time.time()
+
+    def _forget(self, parent: _Parent) -> None:
+        self._parents.pop(parent.request_id, None)
+        for child in parent.children:
+            self._children.pop(child.request_id, None)
+
+    def _output(self, parent: _Parent) -> RequestOutput:
+        finished = parent.finished
+        outputs = []
+        for child, detok in zip(parent.children, parent.detokenizers):
+            outputs.append(CompletionOutput(
+                index=child.index,
+                text=detok.visible_text(child.status.finished) if detok is not None else "",
+                token_ids=list(child.output_token_ids),
+                cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
+                logprobs=list(child.logprobs) if child.logprobs is not None else None,
+                finish_reason=child.status.value if child.status.finished else None,
+                stop_reason=child.stop_reason,
+            ))
+        first = parent.children[0]
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
+            outputs=outputs,
+            finished=finished,
+            metrics=parent.metrics,
+            num_cached_tokens=parent.metrics.num_cached_tokens,
+        )
+
+    # ---- introspection ------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            prompt_tokens=self.prompt_tokens_total,
+            generation_tokens=self.generation_tokens_total,
+        )
+
+    def kv_token_utilization(self) -> float:
+        """Tokens stored / capacity of the blocks the running requests hold: how much of the allocated KV
+        memory is real data (internal fragmentation is the rest)."""
+        running = self.scheduler.running
+        held = sum(len(r.block_ids) for r in running) * self.block_manager.block_size
+        return sum(r.num_computed_tokens for r in running) / held if held else 0.0

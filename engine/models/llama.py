@@ -1,0 +1,190 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) written against Flotilla's layers.
+
+Tokens arrive flattened, ``[num_tokens]`` with their positions: no batch dimension and no padding. The
+projections are packed (q/k/v -> qkv_proj, gate/up -> gate_up_proj) so each layer runs two big matmuls
+instead of five; ``load_weights`` maps checkpoint names onto the packed parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flotilla.engine.layers.attention import PagedAttention
+from flotilla.engine.layers.norm import RMSNorm
+from flotilla.engine.layers.rotary import RotaryEmbedding
+
+
+def _rope_settings(config: Any) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from either the transformers 5 ``rope_parameters`` or the older config fields."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        return float(params["rope_theta"]), scaling
+    return float(getattr(config, "rope_theta", 10000.0)), getattr(config, "rope_scaling", None)
+
+
+def _shard_loader(offsets: dict[str, tuple[int, int]]):
+    """A ``weight_loader`` that copies a checkpoint tensor into its rows of a packed parameter."""
+
+    def load(param: torch.Tensor, loaded: torch.Tensor, shard: str) -> None:
+        start, size = offsets[shard]
+        if loaded.shape[0] != size:
+            raise ValueError(f"shard {shard}: expected {size} rows, checkpoint has {loaded.shape[0]}")
+        param.data[start:start + size].copy_(loaded)
+
+    return load
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
+        loader = _shard_loader({"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)})
+        for p in self.qkv_proj.parameters():
+            p.weight_loader = loader  # type: ignore[attr-defined]
+        theta, scaling = _rope_settings(config)
+        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v.reshape(-1, self.num_kv_heads, self.head_dim))
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=bias)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=bias)
+        loader = _shard_loader({"gate": (0, inter), "up": (inter, inter)})
+        for p in self.gate_up_proj.parameters():
+            p.weight_loader = loader  # type: ignore[attr-defined]
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (packed parameter fragment, shard id)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` of every token; ``compute_logits`` picks the rows to sample."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters; returns the names loaded.
+        Raises if a parameter is left unloaded, so a mismatched checkpoint fails loudly."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            target, shard = name, None
+            for fragment, (packed, shard_id) in self.packed_modules.items():
+                if f".{fragment}." in name:
+                    target, shard = name.replace(fragment, packed), shard_id
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+            param = params[target]
+            with torch.no_grad():
+                if shard is None:
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"{name}: shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}")
+                    param.data.copy_(tensor)
+                else:
+                    param.weight_loader(param, tensor, shard)  # type: ignore[attr-defined]
+            loaded.add(f"{target}:{shard}" if shard else target)
+        packed_names = {n for n in params if ".qkv_proj." in n or ".gate_up_proj." in n}
+        plain_missing = {n for n in params.keys() - packed_names if n not in loaded}
+        packed_missing = {
+            n for n in packed_names
+            if not all(f"{n}:{s}" in loaded for s in (("q", "k", "v") if ".qkv_proj." in n else ("gate", "up")))
+        }
+        if plain_missing or packed_missing:
+            raise ValueError(f"checkpoint lacks tensors for: {sorted(plain_missing | packed_missing)[:8]}")
+        return loaded
+
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}

@@ -1,0 +1,74 @@
+"""One sequence's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from flotilla.engine.outputs import LogprobDict, RequestMetrics
+from flotilla.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Request:
+    """A single sequence (one of a parent request's ``n`` samples). The scheduler moves it between
+    queues, the block manager owns ``block_ids``, the model runner reads its tokens, the engine appends
+    outputs. ``num_computed_tokens`` counts tokens whose K/V are in the cache."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    metrics: RequestMetrics
+    max_model_len: int
+    cache_salt: str | None = None
+    parent_id: str | None = None
+    index: int = 0  # position among the parent's n samples
+    generator: torch.Generator | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full, cached blocks, in order
+    cumulative_logprob: float = 0.0
+    logprobs: list[LogprobDict] | None = None
+    prompt_logprobs: list[LogprobDict | None] | None = None
+    stop_reason: int | str | None = None
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        if self.sampling_params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Prompt plus the most output this request may produce, capped by max_model_len."""
+        max_tokens = self.sampling_params.max_tokens
+        limit = self.max_model_len if max_tokens is None else self.num_prompt_tokens + max_tokens
+        return min(limit, self.max_model_len)
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random Llama-family models saved as real Hugging Face folders, the bundled
+SmolLM2, and the transformers oracle they are compared against."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VARIANTS = {
+    # GQA 4:2, tied embeddings, plain RoPE
+    "llama": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    # Qwen2: q/k/v bias, untied lm_head, no GQA
+    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    # Llama 3.1-style RoPE scaling and 4:1 GQA
+    "llama3": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64}),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The bundled GGUF, converted once to a Hugging Face folder (the same one the engine loads)."""
+    from flotilla.engine.model_loader import bundled_model_path, convert_gguf
+
+    return convert_gguf(Path(bundled_model_path()))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+def _build_tiny(variant: str, folder: Path, tokenizer) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY_VARIANTS[variant])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        **spec,
+    )
+    config.architectures = ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"]
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # a wider init than the default makes greedy choices decisive (no near-ties)
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_VARIANTS))
+def tiny_model(request, tmp_path_factory, tokenizer) -> Path:
+    return _build_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer) -> Path:
+    return _build_tiny("llama", tmp_path_factory.mktemp("tiny-llama-single"), tokenizer)
+
+
+_HF_CACHE: dict[str, object] = {}
+
+
+def hf_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    key = str(folder)
+    if key not in _HF_CACHE:
+        _HF_CACHE[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+    return _HF_CACHE[key]
+
+
+def hf_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int | None = None) -> list[int]:
+    """transformers' generate(), greedy, fp32, one prompt at a time (no padding). By default EOS is masked
+    until ``max_new_tokens`` (the engine's ``min_tokens`` does the same)."""
+    model = hf_model(folder)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if min_new_tokens is None else min_new_tokens, do_sample=False, pad_token_id=0,
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+def assert_pool_whole(engine) -> None:
+    """No leaked or double-freed KV block once the engine is idle."""
+    bm = engine.block_manager
+    bm.check_integrity()
+    assert not engine.has_unfinished_requests()
+    assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} blocks leaked"
