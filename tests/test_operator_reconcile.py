@@ -1,0 +1,166 @@
+"""One reconciliation against an in-memory cluster (our own `Cluster` protocol, not an API server):
+what gets applied, what is held back, and what status and events say. The kopf wiring on a real API
+server is the control-plane issue's test."""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Mapping
+
+from flotilla.operator.cluster import KindNotInstalled, NotFound
+from flotilla.operator.reconcile import reconcile
+from flotilla.operator.settings import OperatorSettings
+from operator_fixtures.oracle import load_yaml_docs, model_config, ROOT, schema_errors
+
+NOW = "2025-01-01T00:00:00Z"
+SETTINGS = OperatorSettings(engine_image="registry.local/engine:test", prometheus_address="http://prom:9090")
+
+
+class MemoryCluster:
+    """Objects keyed by (kind, namespace, name); kinds outside `served` are 'not installed'."""
+
+    def __init__(self, nodes=(), config_maps=None, served=("Service", "Deployment", "PodDisruptionBudget",
+                                                             "HorizontalPodAutoscaler"), deployment_status=None):
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.deleted: list[tuple[str, str]] = []
+        self.nodes = list(nodes)
+        self.config_maps = config_maps or {}
+        self.served = served
+        self.deployment_status = deployment_status or {}
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        if obj["kind"] not in self.served:
+            raise KindNotInstalled(f"the cluster does not serve {obj['kind']} ({obj['apiVersion']})")
+        stored = copy.deepcopy(dict(obj))
+        if obj["kind"] == "Deployment":
+            stored["metadata"]["generation"] = 1
+            stored["status"] = {"observedGeneration": 1, **self.deployment_status}
+        self.objects[(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])] = stored
+        return stored
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        try:
+            return self.objects[(kind, namespace, name)]
+        except KeyError:
+            raise NotFound(name) from None
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self.deleted.append((kind, name))
+        self.objects.pop((kind, namespace, name), None)
+
+    def config_map_json(self, namespace: str, name: str, key: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.config_maps[name][key])
+        except KeyError:
+            raise NotFound(f"ConfigMap {name}") from None
+
+    def node_labels(self, node_selector: Mapping[str, str]) -> list[dict[str, str]]:
+        return [n for n in self.nodes if all(n.get(k) == v for k, v in node_selector.items())]
+
+    def pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        return []
+
+
+def body(spec: dict, name: str = "chat") -> dict:
+    return {"apiVersion": "flotilla.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": name, "namespace": "ns", "uid": "u-1", "generation": 2}, "spec": spec}
+
+
+def conditions(outcome) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in outcome.status["conditions"]}
+
+
+H100 = {"nvidia.com/gpu.product": "H100", "nvidia.com/gpu.memory": "81559"}
+L4 = {"nvidia.com/gpu.product": "L4", "nvidia.com/gpu.memory": "23034"}
+
+
+def test_a_fitting_service_gets_its_children_and_a_status():
+    cluster = MemoryCluster(nodes=[H100], deployment_status={"replicas": 1, "readyReplicas": 1,
+                                                             "updatedReplicas": 1})
+    spec = {"model": {"uri": "meta-llama/Llama-3.1-8B-Instruct", "config": model_config("llama-3.1-8b")},
+            "engine": {"maxModelLen": 16384}}
+    outcome = reconcile(body(spec), cluster, SETTINGS, NOW)
+    assert outcome.error is None
+    assert {k[0] for k in cluster.objects} == {"Service", "Deployment"}
+    assert ("PodDisruptionBudget", "chat") in cluster.deleted
+    dep = cluster.objects[("Deployment", "ns", "chat")]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/engine:test"
+    assert outcome.status["endpoint"] == "http://chat.ns.svc:8000/v1"
+    assert outcome.status["fit"]["verdict"] == "Fits"
+    assert conditions(outcome)["Ready"] == ("True", "AllReplicasReady")
+    full = body(spec) | {"status": outcome.status}
+    assert schema_errors(full) == []
+
+
+def test_a_model_that_does_not_fit_is_not_rolled_out_and_status_shows_the_arithmetic():
+    cluster = MemoryCluster(nodes=[L4, H100])
+    spec = {"model": {"uri": "meta-llama/Llama-3.1-70B-Instruct", "config": model_config("llama-3.1-70b")},
+            "engine": {"maxModelLen": 8192}, "nodeSelector": {"nvidia.com/gpu.product": "H100"}}
+    outcome = reconcile(body(spec), cluster, SETTINGS, NOW)
+    assert cluster.objects == {}
+    reason, message, permanent, _ = outcome.error
+    assert (reason, permanent) == ("DoesNotFit", True)
+    assert outcome.status["fit"]["verdict"] == "DoesNotFit"
+    assert "141.1 GB" in outcome.status["fit"]["message"] and "85.5 GB" in outcome.status["fit"]["message"]
+    assert conditions(outcome)["Degraded"] == ("True", "DoesNotFit")
+    assert [e.reason for e in outcome.events] == ["DoesNotFit"]
+
+
+def test_the_node_selector_decides_which_gpu_memory_counts():
+    spec = {"model": {"uri": "meta-llama/Llama-3.1-8B-Instruct", "config": model_config("llama-3.1-8b")},
+            "engine": {"maxModelLen": 65536}}  # 16.1 GB weights + 8.6 GB KV: over an L4's 21.7 GB usable
+    on_l4 = reconcile(body(spec | {"nodeSelector": {"nvidia.com/gpu.product": "L4"}}),
+                      MemoryCluster(nodes=[L4, H100]), SETTINGS, NOW)
+    on_h100 = reconcile(body(spec | {"nodeSelector": {"nvidia.com/gpu.product": "H100"}}),
+                        MemoryCluster(nodes=[L4, H100]), SETTINGS, NOW)
+    assert on_l4.status["fit"]["verdict"] == "DoesNotFit"
+    assert on_h100.status["fit"]["verdict"] == "Fits"
+
+
+def test_a_tight_fit_rolls_out_with_a_warning_event():
+    spec = {"model": {"uri": "meta-llama/Llama-3.1-8B-Instruct", "config": model_config("llama-3.1-8b")},
+            "engine": {"maxModelLen": 8192, "gpuMemoryUtilization": 0.95}, "resources": {"gpuMemoryBytes": "18Gi"}}
+    cluster = MemoryCluster()
+    outcome = reconcile(body(spec), cluster, SETTINGS, NOW)
+    assert outcome.error is None and ("Deployment", "ns", "chat") in cluster.objects
+    assert [(e.type, e.reason) for e in outcome.events] == [("Warning", "TightFit")]
+
+
+def test_config_from_a_configmap_feeds_the_fit_check_and_a_missing_one_is_retried():
+    sample = {d["kind"]: d for d in load_yaml_docs(ROOT / "manifests/samples/llama-70b-tp4.yaml")}
+    cm = {"llama-70b-config": sample["ConfigMap"]["data"]}
+    spec = sample["InferenceService"]["spec"]
+    ok = reconcile(body(spec, "llama-70b"), MemoryCluster(
+        nodes=[{**H100, "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}], config_maps=cm), SETTINGS, NOW)
+    assert ok.error is None and ok.status["fit"]["verdict"] == "Fits"
+    missing = reconcile(body(spec, "llama-70b"), MemoryCluster(), SETTINGS, NOW)
+    reason, _, permanent, delay = missing.error
+    assert (reason, permanent) == ("ConfigMissing", False) and delay > 0
+    assert conditions(missing)["Ready"] == ("False", "ConfigMissing")
+
+
+def test_keda_mode_without_keda_installed_says_so_and_retries():
+    spec = {"model": {"uri": "org/m"}, "resources": {"gpus": 0},
+            "autoscaling": {"enabled": True, "mode": "keda"}}
+    outcome = reconcile(body(spec), MemoryCluster(), SETTINGS, NOW)
+    reason, message, permanent, _ = outcome.error
+    assert reason == "KindNotInstalled" and not permanent and "ScaledObject" in message
+    assert conditions(outcome)["Degraded"] == ("True", "KindNotInstalled")
+
+
+def test_an_invalid_spec_lands_in_status_as_a_permanent_error():
+    outcome = reconcile(body({"model": {"uri": "org/m"}, "engine": {"tensorParallelSize": 4},
+                              "resources": {"gpus": 2}}), MemoryCluster(), SETTINGS, NOW)
+    reason, message, permanent, _ = outcome.error
+    assert (reason, permanent) == ("InvalidSpec", True) and "tensorParallelSize" in message
+    assert conditions(outcome)["Degraded"] == ("True", "InvalidSpec")
+
+
+def test_reconcile_is_idempotent():
+    cluster = MemoryCluster(nodes=[H100])
+    spec = {"model": {"uri": "org/m-1B"}, "replicas": 3}
+    first = reconcile(body(spec), cluster, SETTINGS, NOW)
+    snapshot = copy.deepcopy(cluster.objects)
+    second = reconcile(body(spec), cluster, SETTINGS, NOW)
+    assert cluster.objects == snapshot and first.status == second.status
+    assert ("PodDisruptionBudget", "ns", "chat") in cluster.objects
