@@ -57,8 +57,7 @@ class ModelRunner:
         ``gpu_memory_utilization × total`` after weights and that peak."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._bind_cache(torch.zeros(self.config.num_hidden_layers, 2, 1, self.block_size,
-                                     *self._kv_head_shape(), dtype=self.dtype, device=self.device))
+        self._bind_cache(self._new_cache(1))
         n = max_num_batched_tokens
         meta = AttentionMetadata(
             slot_mapping=torch.full((n,), -1, dtype=torch.long, device=self.device),
@@ -91,10 +90,13 @@ class ModelRunner:
         head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // num_heads
         return num_kv_heads, head_dim
 
+    def _new_cache(self, num_blocks: int) -> torch.Tensor:
+        num_kv_heads, head_dim = self._kv_head_shape()
+        return torch.zeros(self.config.num_hidden_layers, 2, num_blocks, num_kv_heads, self.block_size, head_dim,
+                           dtype=self.dtype, device=self.device)
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        cache = torch.zeros(self.config.num_hidden_layers, 2, num_blocks, self.block_size, *self._kv_head_shape(),
-                            dtype=self.dtype, device=self.device)
-        self._bind_cache(cache)
+        self._bind_cache(self._new_cache(num_blocks))
         self.num_blocks = num_blocks
 
     def _bind_cache(self, cache: torch.Tensor) -> None:

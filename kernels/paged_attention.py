@@ -1,7 +1,8 @@
 """Paged attention: torch references (the CPU path and the test oracle for the Triton kernels).
 
 Layouts, shared by every implementation:
-- ``k_cache``/``v_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]``, one pair per layer.
+- ``k_cache``/``v_cache``: ``[num_blocks, num_kv_heads, block_size, head_dim]``, one pair per layer, so a
+  block of one head is a contiguous ``[block_size, head_dim]`` tile.
 - ``block_tables``: ``[num_seqs, max_blocks]`` int32; row ``i`` lists sequence ``i``'s blocks in order.
   Entries past a sequence's last block are padding and never read.
 - ``seq_lens``: ``[num_seqs]`` tokens of context per sequence *including* this step's new tokens.
@@ -23,21 +24,22 @@ def write_kv_cache_ref(
 ) -> None:
     """Store ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` at flat slots
     ``block * block_size + offset``. A slot of -1 marks a padding token that is not stored."""
-    num_kv_heads, head_dim = key.shape[1], key.shape[2]
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    block_size = k_cache.shape[2]
     slots = slot_mapping.long()
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value.to(v_cache.dtype))
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, :, offsets] = key.to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first ``length`` cached rows, ``[length, num_kv_heads, head_dim]``."""
-    block_size = cache.shape[1]
+    """One sequence's first ``length`` cached positions, ``[num_kv_heads, length, head_dim]``."""
+    num_kv_heads, block_size, head_dim = cache.shape[1:]
     num_blocks = (length + block_size - 1) // block_size
-    rows = cache[block_table[:num_blocks].long()]
-    return rows.reshape(-1, cache.shape[2], cache.shape[3])[:length]
+    tiles = cache.index_select(0, block_table[:num_blocks].long())  # [nb, KVH, BS, D]
+    return tiles.transpose(0, 1).reshape(num_kv_heads, num_blocks * block_size, head_dim)[:, :length]
 
 
 def paged_decode_attention_ref(
@@ -51,24 +53,26 @@ def paged_decode_attention_ref(
     """One query token per sequence, ``query`` ``[num_seqs, num_heads, head_dim]``, against the whole paged
     context of that sequence (its own new token included, already written). Returns the same shape.
 
-    Batched over sequences by gathering every table to the longest context and masking the tail, so the
-    CPU path issues one matmul per layer rather than one per sequence."""
+    Batched over sequences and blocks: every table is gathered to the longest context (one contiguous
+    copy of whole tiles), scores are computed tile by tile, and the padded tail is masked. The CPU path
+    thus issues a handful of large ops per layer rather than a loop over sequences."""
     num_seqs, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks_total, num_kv_heads, block_size, _ = k_cache.shape
     group = num_heads // num_kv_heads
     max_len = int(seq_lens.max())
-    max_blocks = (max_len + block_size - 1) // block_size
-    table = block_tables[:, :max_blocks].long()
-    length = max_blocks * block_size
-    # [B, L, KVH, D] -> [B, KVH, L, D]
-    keys = k_cache[table].view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[table].view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
-    q = query.view(num_seqs, num_kv_heads, group, head_dim).to(keys.dtype)
-    scores = torch.matmul(q, keys.transpose(2, 3)).float() * scale  # [B, KVH, G, L]
-    pad = torch.arange(length, device=query.device)[None, :] >= seq_lens[:, None]
+    nb = (max_len + block_size - 1) // block_size
+    index = block_tables[:, :nb].reshape(-1).long()
+    shape = (num_seqs, nb, num_kv_heads, block_size, head_dim)
+    keys = k_cache.view(num_blocks_total, -1).index_select(0, index).view(shape)
+    values = v_cache.view(num_blocks_total, -1).index_select(0, index).view(shape)
+    q = query.view(num_seqs, 1, num_kv_heads, group, head_dim).to(keys.dtype)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [B, nb, KVH, G, BS]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, group, nb * block_size)
+    pad = torch.arange(nb * block_size, device=query.device)[None, :] >= seq_lens[:, None]
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values)  # [B, KVH, G, D]
+    probs = probs.view(num_seqs, num_kv_heads, group, nb, block_size).permute(0, 3, 1, 2, 4)
+    out = torch.matmul(probs, values).sum(dim=1)  # [B, KVH, G, D]
     return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
 
 
@@ -86,7 +90,7 @@ def paged_prefill_attention_ref(
     tokens' own K/V must have been written already. Sequence ``i``'s queries are its last
     ``query_start_loc[i+1] - query_start_loc[i]`` positions of ``seq_lens[i]``."""
     num_heads = query.shape[1]
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads = k_cache.shape[1]
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -95,19 +99,17 @@ def paged_prefill_attention_ref(
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        keys = _gather_context(k_cache, block_tables[i], seq_len)
+        keys = _gather_context(k_cache, block_tables[i], seq_len)  # [KVH, L, D]
         values = _gather_context(v_cache, block_tables[i], seq_len)
         if num_heads != num_kv_heads:
-            keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=1)
-            values = values.repeat_interleave(num_heads // num_kv_heads, dim=1)
+            keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=0)
+            values = values.repeat_interleave(num_heads // num_kv_heads, dim=0)
         q = query[q_start:q_end].transpose(0, 1)  # [H, q_len, D]
         # Query j sits at absolute position seq_len - q_len + j and sees keys up to that position.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
         k_pos = torch.arange(seq_len, device=query.device)
         mask = k_pos[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(
-            q, keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale
-        )
+        o = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale)
         out[q_start:q_end] = o.transpose(0, 1)
     return out
 

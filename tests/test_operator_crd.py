@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 
 import pytest
 
 from flotilla.operator.spec import AutoscalingSpec, EngineSpec, ResourceSpec, parse_service
-from operator_fixtures.oracle import ROOT, admit, cel_errors, crd, crd_schema, k8s_errors, load_yaml_docs
+from operator_fixtures.oracle import ROOT, admit, crd, crd_schema, k8s_errors, load_yaml_docs
 
 SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
 
