@@ -53,27 +53,38 @@ def paged_decode_attention_ref(
     """One query token per sequence, ``query`` ``[num_seqs, num_heads, head_dim]``, against the whole paged
     context of that sequence (its own new token included, already written). Returns the same shape.
 
-    Batched over sequences and blocks: every table is gathered to the longest context (one contiguous
-    copy of whole tiles), scores are computed tile by tile, and the padded tail is masked. The CPU path
-    thus issues a handful of large ops per layer rather than a loop over sequences."""
+    Ragged and blockwise, as flash-decoding splits work: only the blocks each sequence really uses are
+    gathered (no padding to the longest context), every block yields partial scores, and a
+    log-sum-exp merge per sequence combines them. The CPU path thus runs a dozen large ops per layer
+    whatever the mix of context lengths."""
     num_seqs, num_heads, head_dim = query.shape
-    num_blocks_total, num_kv_heads, block_size, _ = k_cache.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    max_len = int(seq_lens.max())
-    nb = (max_len + block_size - 1) // block_size
-    index = block_tables[:, :nb].reshape(-1).long()
-    shape = (num_seqs, nb, num_kv_heads, block_size, head_dim)
-    keys = k_cache.view(num_blocks_total, -1).index_select(0, index).view(shape)
-    values = v_cache.view(num_blocks_total, -1).index_select(0, index).view(shape)
-    q = query.view(num_seqs, 1, num_kv_heads, group, head_dim).to(keys.dtype)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [B, nb, KVH, G, BS]
-    scores = scores.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, group, nb * block_size)
-    pad = torch.arange(nb * block_size, device=query.device)[None, :] >= seq_lens[:, None]
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    probs = probs.view(num_seqs, num_kv_heads, group, nb, block_size).permute(0, 3, 1, 2, 4)
-    out = torch.matmul(probs, values).sum(dim=1)  # [B, KVH, G, D]
-    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+    device = query.device
+    seq_lens = seq_lens.long()
+    blocks_per_seq = (seq_lens + block_size - 1) // block_size
+    width = int(blocks_per_seq.max())
+    slot = torch.arange(width, device=device)
+    used = slot[None, :] < blocks_per_seq[:, None]  # [B, width]
+    block_ids = block_tables[:, :width][used].long()  # every used block, grouped by sequence
+    owner = torch.arange(num_seqs, device=device)[:, None].expand(num_seqs, width)[used]
+    first_pos = slot[None, :].expand(num_seqs, width)[used] * block_size
+    positions = first_pos[:, None] + torch.arange(block_size, device=device)[None, :]
+    beyond = positions >= seq_lens[owner][:, None]  # [num_used, block_size]
+
+    keys = k_cache.index_select(0, block_ids)  # [N, KVH, BS, D]
+    values = v_cache.index_select(0, block_ids)
+    q = query.view(num_seqs, num_kv_heads, group, head_dim).to(keys.dtype).index_select(0, owner)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [N, KVH, G, BS]
+    scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
+    block_max = scores.amax(dim=-1)  # [N, KVH, G]
+    seq_max = torch.full((num_seqs, num_kv_heads, group), float("-inf"), device=device)
+    seq_max.scatter_reduce_(0, owner[:, None, None].expand_as(block_max), block_max, "amax")
+    weights = torch.exp(scores - seq_max.index_select(0, owner)[..., None])
+    denom = torch.zeros(num_seqs, num_kv_heads, group, device=device).index_add_(0, owner, weights.sum(dim=-1))
+    partial = torch.matmul(weights.to(values.dtype), values).float()  # [N, KVH, G, D]
+    out = torch.zeros(num_seqs, num_kv_heads, group, head_dim, device=device).index_add_(0, owner, partial)
+    return (out / denom[..., None]).reshape(num_seqs, num_heads, head_dim).to(query.dtype)
 
 
 def paged_prefill_attention_ref(
