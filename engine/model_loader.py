@@ -26,7 +26,9 @@ from flotilla.engine.models.llama import MODEL_REGISTRY
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+BUNDLED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Names that mean the bundled weights when no such local path exists (no downloads, ever).
+_BUNDLED_ALIASES = {BUNDLED_MODEL_ID, "SmolLM2-135M-Instruct"}
 
 
 def bundled_model_path() -> str:
@@ -97,7 +99,7 @@ class ModelSource:
 def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     """Map the ``model`` argument (folder, GGUF file, config.json for dummy, or None for the bundled
     model) to a local folder."""
-    if model is None:
+    if model is None or (model in _BUNDLED_ALIASES and not Path(model).exists()):
         model = bundled_model_path()
     path = Path(model).expanduser()
     if not path.exists():

@@ -1,0 +1,178 @@
+"""``flotilla serve MODEL [flags]``: vLLM's flag names, so a vLLM deployment changes its image only.
+
+Flags whose feature Flotilla does not have yet are refused with a clear message instead of being
+silently ignored. SIGTERM drains: /health turns 503, new requests get 503, running requests finish
+(bounded by --drain-timeout), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from flotilla.engine.config import EngineArgs
+from flotilla.engine.model_loader import BUNDLED_MODEL_ID
+
+logger = logging.getLogger("flotilla.engine.cli")
+
+
+def _serve_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server",
+                       description="Serve MODEL (a Hugging Face folder, a .gguf file, or the bundled "
+                                   f"{BUNDLED_MODEL_ID} when omitted) over an OpenAI-compatible API.")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None)
+    p.add_argument("--api-key", default=None, help="also read from FLOTILLA_API_KEY or VLLM_API_KEY")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--chat-template", default=None, help="a Jinja template, inline or a file path")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--quantization", "-q", default=None)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--swap-space", type=float, default=4.0)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--disable-log-requests", action="store_true")
+    p.add_argument("--max-queue-len", type=int, default=None,
+                   help="answer 503 while this many requests wait to be scheduled")
+    p.add_argument("--drain-timeout", type=float, default=120.0,
+                   help="seconds SIGTERM waits for running requests before exiting")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--uvicorn-log-level", default="warning")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flotilla", description="Flotilla inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    return parser
+
+
+def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
+    """Map flags to ``EngineArgs``; refuse the ones whose feature is not built."""
+    if ns.tensor_parallel_size != 1:
+        raise SystemExit("--tensor-parallel-size > 1 is not supported yet: Flotilla runs one GPU per engine")
+    if ns.kv_cache_dtype not in ("auto",):
+        raise SystemExit(f"--kv-cache-dtype {ns.kv_cache_dtype} is not supported yet (only auto)")
+    if ns.quantization not in (None, "gguf"):
+        raise SystemExit(f"--quantization {ns.quantization} is not supported yet (GGUF files are dequantized)")
+    model = ns.model or ns.model_flag
+    return EngineArgs(
+        model=model, tokenizer=ns.tokenizer, dtype=ns.dtype, max_model_len=ns.max_model_len,
+        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size,
+        gpu_memory_utilization=ns.gpu_memory_utilization, num_gpu_blocks_override=ns.num_gpu_blocks_override,
+        swap_space=ns.swap_space, enable_prefix_caching=ns.enable_prefix_caching,
+        enable_chunked_prefill=ns.enable_chunked_prefill, load_format=ns.load_format, seed=ns.seed,
+        device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=True,
+    )
+
+
+def _chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    return path.read_text() if path.is_file() else value
+
+
+def serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from flotilla.engine.async_engine import AsyncLLMEngine
+    from flotilla.engine.llm_engine import LLMEngine
+    from flotilla.engine.server.api import ServerState, build_app
+
+    args = engine_args_from_cli(ns)
+    try:
+        args.validate()
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    model_name = args.model or BUNDLED_MODEL_ID
+    state = ServerState(
+        served_model_names=ns.served_model_name or [model_name],
+        model_path=model_name,
+        api_key=ns.api_key or os.environ.get("FLOTILLA_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
+        max_queue_len=ns.max_queue_len,
+        chat_template=_chat_template(ns.chat_template),
+        log_requests=not ns.disable_log_requests,
+    )
+    app = build_app(state)
+
+    def load() -> None:
+        try:
+            state.engine = AsyncLLMEngine(LLMEngine(args))
+            logger.info("serving %s on http://%s:%d/v1", state.served_model_names[0], ns.host, ns.port)
+        except Exception as e:  # /health stays 503 and says why; the process keeps answering
+            logger.exception("model load failed")
+            state.load_error = str(e)
+
+    server = _DrainingServer(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
+                                            timeout_graceful_shutdown=ns.drain_timeout),
+                             state, ns.drain_timeout)
+    threading.Thread(target=load, name="flotilla-load", daemon=True).start()
+    server.run()
+    if state.engine is not None:
+        state.engine.shutdown()
+    return 0
+
+
+class _DrainingServer:
+    """uvicorn's server with a drain phase in front of its graceful shutdown."""
+
+    def __init__(self, config: Any, state: Any, drain_timeout: float) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(inner, sig: int, frame: Any) -> None:  # noqa: N805 - uvicorn's signature
+                if state.draining or sig not in (signal.SIGTERM, signal.SIGINT):
+                    return uvicorn.Server.handle_exit(inner, sig, frame)  # second signal: exit now
+                state.draining = True
+                logger.info("draining: /health is 503, finishing running requests")
+                threading.Thread(target=self._drain, daemon=True).start()
+
+        self.server = Server(config)
+        self.state = state
+        self.drain_timeout = drain_timeout
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while time.monotonic() < deadline:
+            engine = self.state.engine
+            if engine is None or engine.num_unfinished() == 0:
+                break
+            time.sleep(0.05)
+        self.server.should_exit = True
+
+    def run(self) -> None:
+        self.server.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ns = build_parser().parse_args(argv)
+    if ns.command == "serve":
+        return serve(ns)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

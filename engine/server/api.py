@@ -1,0 +1,512 @@
+"""FastAPI routes with OpenAI's shapes: chat and text completions (streamed or not), models, tokenize,
+health, metrics, version. Errors always come back as ``{"error": {...}}`` with the right status."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from flotilla.engine.async_engine import AsyncLLMEngine
+from flotilla.engine.outputs import CompletionOutput, LogprobDict, RequestOutput
+from flotilla.engine.server.metrics import ServerMetrics
+from flotilla.engine.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+logger = logging.getLogger("flotilla.engine.server")
+
+VERSION = "0.1.0"
+# Routes that need the API key; /health, /metrics and /version stay open for probes and scrapers.
+_PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+
+
+@dataclass
+class ServerState:
+    served_model_names: list[str]
+    model_path: str
+    api_key: str | None = None
+    max_queue_len: int | None = None
+    chat_template: str | None = None
+    max_body_bytes: int = 16 * 2**20
+    log_requests: bool = True
+    engine: AsyncLLMEngine | None = None  # None while the model loads
+    load_error: str | None = None
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+
+    def ready_engine(self) -> AsyncLLMEngine:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": "5"})
+        if self.engine is None:
+            why = f"model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
+            raise APIError(503, why, code="loading", headers={"Retry-After": "10"})
+        return self.engine
+
+
+class GuardMiddleware:
+    """Pure ASGI (streaming-safe): bearer-key check and a cap on request body size."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        key = self.state.api_key
+        if key and path.startswith(_PROTECTED):
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return await _send_error(send, APIError(401, "invalid or missing API key", code="invalid_api_key",
+                                                        headers={"WWW-Authenticate": "Bearer"}))
+        limit = self.state.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _send_error(send, APIError(413, f"request body over {limit} bytes", code="body_too_large"))
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except APIError as e:  # only the body cap reaches here; route errors are handled by FastAPI
+            await _send_error(send, e)
+
+
+async def _send_error(send: Callable, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="Flotilla", version=VERSION)
+    metrics = ServerMetrics(state.served_model_names[0], lambda: state.engine.engine if state.engine else None)
+    app.add_middleware(GuardMiddleware, state=state)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid JSON")
+        return _error_response(APIError(400, message, param))
+
+    # ---- probes and facts -----------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining or state.engine is None or state.engine.errored is not None:
+            return Response(status_code=503, headers={"Retry-After": "5"})
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": VERSION}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        engine = state.ready_engine()
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(state.started), "owned_by": "flotilla",
+             "root": state.model_path, "parent": None, "max_model_len": engine.engine.max_model_len}
+            for name in state.served_model_names]}
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in state.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", code="model_not_found")
+
+    def check_queue(engine: AsyncLLMEngine) -> None:
+        limit = state.max_queue_len
+        if limit is not None and engine.engine.stats().num_waiting >= limit:
+            raise APIError(503, f"the waiting queue is full ({limit} requests)", code="queue_full",
+                           headers={"Retry-After": "1"})
+
+    # ---- tokenizer routes -------------------------------------------------------------------------
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        engine = state.ready_engine()
+        check_model(req.model)
+        if req.messages is not None:
+            ids = _apply_template(engine, state, [m.model_dump() for m in req.messages],
+                                  req.add_generation_prompt, None, None)
+        elif req.prompt is not None:
+            ids = engine.get_tokenizer().encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise APIError(400, "prompt: either prompt or messages is required", "prompt")
+        return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        engine = state.ready_engine()
+        check_model(req.model)
+        vocab = engine.engine.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in req.tokens):
+            raise APIError(400, f"tokens: ids must be in [0, {vocab})", "tokens")
+        return {"prompt": engine.get_tokenizer().decode(req.tokens)}
+
+    # ---- completions ------------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        engine = state.ready_engine()
+        check_model(req.model)
+        check_queue(engine)
+        messages = []
+        for m in req.messages:
+            messages.append({"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})})
+        prompt_ids = _apply_template(engine, state, messages, req.add_generation_prompt, req.chat_template,
+                                     req.chat_template_kwargs, req.continue_final_message)
+        max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt_ids), engine.engine.max_model_len,
+                                 "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
+        params = req.sampling_params(max_tokens, req.requested_logprobs())
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        model = req.model or state.served_model_names[0]
+        stream = await _start(engine, {"prompt_token_ids": prompt_ids}, params, request_id, req.cache_salt)
+        if state.log_requests:
+            logger.info("%s: chat, %d prompt tokens, max_tokens %d, n %d", request_id, len(prompt_ids),
+                        max_tokens, params.n)
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(_chat_chunks(stream, request_id, model, usage, engine, metrics, params.logprobs or 0))
+        final = await _collect(stream, raw)
+        metrics.observe_finished(final)
+        tok = engine.get_tokenizer()
+        choices = [{
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": ({"content": _chat_logprobs(tok, c.token_ids, c.logprobs, params.logprobs or 0)}
+                         if c.logprobs is not None else None),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        } for c in final.outputs]
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()),
+                             "model": model, "choices": choices, "usage": _usage(final)})
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        engine = state.ready_engine()
+        check_model(req.model)
+        check_queue(engine)
+        if req.suffix:
+            raise APIError(400, "suffix: is not supported", "suffix")
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise APIError(400, "logprobs: must be between 0 and 20", "logprobs")
+        tok = engine.get_tokenizer()
+        prompts = []
+        for p in req.prompts():
+            ids = tok.encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "prompt: must not be empty", "prompt")
+            prompts.append(ids)
+        model = req.model or state.served_model_names[0]
+        base_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = []
+        try:
+            for i, ids in enumerate(prompts):
+                max_tokens = _max_tokens(req.max_tokens, len(ids), engine.engine.max_model_len, "max_tokens")
+                prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
+                params = req.sampling_params(max_tokens, req.logprobs, prompt_lp)
+                streams.append(await _start(engine, {"prompt_token_ids": ids}, params, f"{base_id}-{i}",
+                                            req.cache_salt))
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+        n = req.n
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(_completion_chunks(streams, base_id, model, n, req.echo, usage, engine, metrics))
+        finals = await asyncio.gather(*(_collect(s, raw) for s in streams))
+        choices = []
+        for i, final in enumerate(finals):
+            metrics.observe_finished(final)
+            for c in final.outputs:
+                text = c.text
+                lp = None
+                if c.logprobs is not None:
+                    lp = _completion_logprobs(tok, final, c, req.echo)
+                if req.echo:
+                    text = tok.decode(final.prompt_token_ids) + text
+                choices.append({"index": i * n + c.index, "text": text, "logprobs": lp,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        usage = {"prompt_tokens": sum(len(f.prompt_token_ids) for f in finals),
+                 "completion_tokens": sum(len(c.token_ids) for f in finals for c in f.outputs)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return JSONResponse({"id": base_id, "object": "text_completion", "created": int(time.time()),
+                             "model": model, "choices": choices, "usage": usage})
+
+    return app
+
+
+# ---- helpers (pure where they can be) ---------------------------------------------------------------
+
+
+def _apply_template(engine: AsyncLLMEngine, state: ServerState, messages: list[dict], add_generation_prompt: bool,
+                    template: str | None, kwargs: dict | None, continue_final: bool = False) -> list[int]:
+    tok = engine.get_tokenizer()
+    try:
+        ids = tok.apply_chat_template(
+            messages, chat_template=template or state.chat_template, tokenize=True, return_dict=False,
+            add_generation_prompt=add_generation_prompt and not continue_final,
+            continue_final_message=continue_final, **(kwargs or {}))
+    except Exception as e:  # template errors are the request's fault (bad roles, missing fields)
+        raise APIError(400, f"messages: chat template failed: {e}", "messages") from e
+    return list(ids)
+
+
+def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
+    room = max_model_len - prompt_len
+    if requested is not None and requested < 1:
+        raise APIError(400, f"{param}: must be at least 1, got {requested}", param)
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, your "
+                            f"prompt has {prompt_len} tokens, leaving no room for a completion.", "messages")
+    if requested is None:
+        return room
+    if requested > room:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                            f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
+                            f"for the completion). Please reduce the prompt or {param}.", param)
+    return requested
+
+
+async def _start(engine: AsyncLLMEngine, prompt: dict, params: Any, request_id: str,
+                 cache_salt: str | None) -> AsyncIterator[RequestOutput]:
+    """Start a request and wait for its first output, so bad input fails before any response is sent."""
+    gen = engine.generate(prompt, params, request_id, cache_salt=cache_salt)
+    try:
+        first = await gen.__anext__()
+    except ValueError as e:
+        raise APIError(400, str(e), str(e).split(":", 1)[0]) from e
+
+    async def chained() -> AsyncIterator[RequestOutput]:
+        try:
+            yield first
+            async for out in gen:
+                yield out
+        finally:
+            await gen.aclose()  # aborts the request in the engine if it had not finished
+
+    return chained()
+
+
+async def _collect(stream: AsyncIterator[RequestOutput], raw: Request) -> RequestOutput:
+    final = None
+    try:
+        async for out in stream:
+            final = out
+            if not out.finished and await raw.is_disconnected():
+                raise APIError(499, "client disconnected")
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert final is not None
+    return final
+
+
+def _usage(out: RequestOutput) -> dict[str, int]:
+    prompt = len(out.prompt_token_ids)
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token_text(tok: Any, token_id: int) -> str:
+    return tok.decode([token_id])
+
+
+def _chat_logprobs(tok: Any, token_ids: list[int], logprobs: list[LogprobDict], top_n: int) -> list[dict]:
+    """OpenAI chat logprobs: each token's own log-probability plus the ``top_n`` most likely tokens."""
+    content = []
+    for token_id, lp in zip(token_ids, logprobs):
+        text = _token_text(tok, token_id)
+        top = sorted((e for e in lp.items() if e[1].rank is not None and e[1].rank <= top_n), key=lambda e: e[1].rank)
+        content.append({
+            "token": text, "logprob": lp[token_id].logprob, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": _token_text(tok, t), "logprob": e.logprob,
+                              "bytes": list(_token_text(tok, t).encode())} for t, e in top],
+        })
+    return content
+
+
+def _completion_logprobs(tok: Any, out: RequestOutput, c: CompletionOutput, echo: bool) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = 0
+    entries: list[tuple[int, LogprobDict | None]] = []
+    if echo:
+        entries += list(zip(out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids)))
+    entries += list(zip(c.token_ids, c.logprobs or []))
+    for token_id, lp in entries:
+        text = _token_text(tok, token_id)
+        tokens.append(text)
+        offsets.append(pos)
+        pos += len(text)
+        token_lps.append(lp[token_id].logprob if lp else None)
+        tops.append({_token_text(tok, t): e.logprob for t, e in lp.items()} if lp else None)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:  # an error after the stream started travels in the stream
+            yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_chunks(stream: AsyncIterator[RequestOutput], request_id: str, model: str, include_usage: bool,
+                       engine: AsyncLLMEngine, metrics: ServerMetrics, top_n: int) -> AsyncIterator[dict]:
+    created = int(time.time())
+    tok = engine.get_tokenizer()
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    done: set[int] = set()
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+        c = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": choices}
+        if include_usage:
+            c["usage"] = usage
+        return c
+
+    final = None
+    async for out in stream:
+        final = out
+        choices = []
+        for c in out.outputs:
+            if c.index in done:
+                continue
+            if c.index not in sent_text:
+                yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+                sent_text[c.index] = sent_tokens[c.index] = 0
+            delta = c.text[sent_text[c.index]:]
+            new_ids = c.token_ids[sent_tokens[c.index]:]
+            lp = None
+            if c.logprobs is not None and new_ids:
+                lp = {"content": _chat_logprobs(tok, new_ids, c.logprobs[sent_tokens[c.index]:], top_n)}
+            sent_text[c.index] = len(c.text)
+            sent_tokens[c.index] = len(c.token_ids)
+            if c.finish_reason is not None:
+                done.add(c.index)
+            if delta or c.finish_reason is not None or lp:
+                choices.append({"index": c.index, "delta": {"content": delta} if delta else {},
+                                "logprobs": lp, "finish_reason": c.finish_reason,
+                                **({"stop_reason": c.stop_reason} if c.finish_reason else {})})
+        if choices:
+            yield chunk(choices)
+    if final is not None and final.finished:
+        metrics.observe_finished(final)
+        if include_usage:
+            yield chunk([], _usage(final))
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they arrive."""
+    queue: asyncio.Queue = asyncio.Queue()
+    sentinel = object()
+
+    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        finally:
+            await queue.put((i, sentinel))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is sentinel:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            await s.aclose()  # type: ignore[attr-defined]
+
+
+async def _completion_chunks(streams: list[AsyncIterator[RequestOutput]], request_id: str, model: str, n: int,
+                             echo: bool, include_usage: bool, engine: AsyncLLMEngine,
+                             metrics: ServerMetrics) -> AsyncIterator[dict]:
+    created = int(time.time())
+    tok = engine.get_tokenizer()
+    sent: dict[int, int] = {}
+    finals: dict[int, RequestOutput] = {}
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+        c = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+        if include_usage:
+            c["usage"] = usage
+        return c
+
+    async for i, out in _merge(streams):
+        finals[i] = out
+        choices = []
+        for c in out.outputs:
+            idx = i * n + c.index
+            prefix = ""
+            if idx not in sent:
+                sent[idx] = 0
+                if echo:
+                    prefix = tok.decode(out.prompt_token_ids)
+            delta = prefix + c.text[sent[idx]:]
+            sent[idx] = len(c.text)
+            if delta or c.finish_reason is not None:
+                choices.append({"index": idx, "text": delta, "logprobs": None,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        if choices:
+            yield chunk(choices)
+        if out.finished:
+            metrics.observe_finished(out)
+    if include_usage and finals:
+        prompt = sum(len(f.prompt_token_ids) for f in finals.values())
+        completion = sum(len(c.token_ids) for f in finals.values() for c in f.outputs)
+        yield chunk([], {"prompt_tokens": prompt, "completion_tokens": completion,
+                         "total_tokens": prompt + completion})
