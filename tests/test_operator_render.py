@@ -104,7 +104,7 @@ def test_engine_args_are_vllm_flags_from_the_spec():
     assert pairs["--quantization"] == "awq" and pairs["--dtype"] == "float16"
     assert pairs["--tensor-parallel-size"] == "2"
     assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
-    assert "--enable-chunked-prefill" in args
+    assert "--enable-chunked-prefill" in args and "--no-enable-chunked-prefill" not in args
     assert args[-2:] == ["--seed", "7"]
 
 

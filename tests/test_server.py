@@ -237,3 +237,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tiny_llama):
     t.join(timeout=120)
     assert result["finish"] == "length"  # the in-flight stream ran to its end
     assert proc.proc.wait(timeout=60) == 0
+
+
+def test_the_operator_reads_this_engines_metrics(server):
+    from flotilla.operator.autoscaler import parse_metrics
+
+    sample = parse_metrics(httpx.get(f"{server.base}/metrics").text)
+    assert 0.0 <= sample.kv_usage <= 1.0 and sample.waiting == 0
+    facts = sample.facts
+    assert facts is not None and facts.block_size == 16 and facts.max_model_len == 512
+    assert facts.num_gpu_blocks > 0 and facts.model_name == MODEL and facts.model_load_seconds > 0

@@ -1,0 +1,207 @@
+"""Will the model fit? Memory arithmetic done before any GPU is allocated.
+
+Every other operator finds out that a model does not fit when the pod crash-loops with CUDA OOM after
+minutes of downloading. When the operator knows the model's config.json (inline in the spec or from a
+ConfigMap) it can do the arithmetic up front: weights (parameters × bytes per parameter) plus the KV
+cache for one `maxModelLen` sequence, against the usable GPU memory (GPUs × memory per GPU ×
+gpuMemoryUtilization). The same weight size also sizes the startup probe (loading time).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Mapping
+
+from flotilla.operator.quantity import human_bytes
+from flotilla.operator.spec import InferenceService
+
+#: GPU feature discovery labels each GPU node with its per-GPU memory in MiB.
+GPU_MEMORY_NODE_LABEL = "nvidia.com/gpu.memory"
+#: Below this much headroom the spec is "tight": it fits one sequence but leaves little for batching
+#: and activations, so the engine will run with a tiny KV pool.
+TIGHT_HEADROOM = 0.10
+
+_DTYPE_BYTES = {"float32": 4.0, "float": 4.0, "float16": 2.0, "half": 2.0, "bfloat16": 2.0}
+# Bytes per parameter of the weights under each quantization scheme. 4-bit schemes carry per-group
+# scales and zeros (group size 128, fp16): about 0.53 bytes per parameter.
+_QUANT_BYTES = {"awq": 0.53, "gptq": 0.53, "bitsandbytes": 0.53, "gguf": 0.6, "fp8": 1.0, "int8": 1.0,
+                "compressed-tensors": 1.0}
+
+Verdict = Literal["Fits", "Tight", "DoesNotFit", "Unknown"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The fields of a Llama-family config.json that decide memory use."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    num_experts: int
+    torch_dtype: str
+    max_position_embeddings: int | None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ModelShape":
+        """Read a Hugging Face config.json; raises ValueError when a needed field is missing."""
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            return cls(
+                hidden_size=hidden,
+                num_layers=int(config["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                intermediate_size=int(config["intermediate_size"]),
+                vocab_size=int(config["vocab_size"]),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                num_experts=int(config.get("num_local_experts") or 1),
+                torch_dtype=str(config.get("torch_dtype") or "bfloat16"),
+                max_position_embeddings=config.get("max_position_embeddings"),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json has no {e.args[0]}") from None
+
+    @property
+    def parameters(self) -> int:
+        """Parameter count of a Llama-family decoder (attention, gated MLP, RMSNorms, embeddings)."""
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size * self.num_experts
+        router = self.hidden_size * self.num_experts if self.num_experts > 1 else 0
+        per_layer = attn + mlp + router + 2 * self.hidden_size
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + self.hidden_size
+
+
+def parameters_from_name(uri: str) -> int | None:
+    """Parameter count from a model name such as `Llama-3.1-8B` or `Mixtral-8x7B` (None if absent).
+
+    A fallback for sizing the startup probe when no config.json is known; never used for the fit check.
+    """
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    match = re.search(r"(?:^|[-_.])(?:(\d+)x)?(\d+(?:\.\d+)?)([BbMm])(?=$|[-_.])", name)
+    if not match:
+        return None
+    experts, number, unit = match.groups()
+    count = float(number) * (1e9 if unit in "Bb" else 1e6) * (int(experts) if experts else 1)
+    return int(count)
+
+
+def weight_bytes_per_parameter(svc: InferenceService, shape: ModelShape | None) -> float:
+    e = svc.engine
+    if e.quantization:
+        return _QUANT_BYTES.get(e.quantization, 2.0)
+    dtype = e.dtype if e.dtype != "auto" else (shape.torch_dtype if shape else "bfloat16")
+    return _DTYPE_BYTES.get(dtype, 2.0)
+
+
+def kv_bytes_per_token(svc: InferenceService, shape: ModelShape) -> int:
+    """Keys and values for every layer, for one token."""
+    kv = svc.engine.kv_cache_dtype
+    if kv.startswith("fp8"):
+        elem = 1
+    else:
+        dtype = svc.engine.dtype if svc.engine.dtype != "auto" else shape.torch_dtype
+        elem = 4 if dtype in ("float32", "float") else 2
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * elem
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """The outcome of the fit check, with the arithmetic spelled out for status and events."""
+
+    verdict: Verdict
+    message: str
+    required_bytes: int = 0
+    available_bytes: int = 0
+
+
+def check_fit(svc: InferenceService, config: Mapping[str, Any] | None,
+              gpu_memory_bytes: int | None) -> FitReport:
+    """Weights plus one maxModelLen sequence of KV cache against usable GPU memory."""
+    if svc.resources.gpus == 0:
+        return FitReport("Unknown", "no GPUs requested: the fit check applies to GPU memory only")
+    if config is None:
+        return FitReport("Unknown", "model config.json not given (spec.model.config or configMapRef)")
+    gpu_memory = gpu_memory_bytes or svc.resources.gpu_memory_bytes
+    if not gpu_memory:
+        return FitReport("Unknown", "GPU memory unknown: set resources.gpuMemoryBytes or label nodes with "
+                                    f"{GPU_MEMORY_NODE_LABEL}")
+    try:
+        shape = ModelShape.from_config(config)
+    except ValueError as e:
+        return FitReport("Unknown", f"cannot read model config: {e}")
+
+    params = shape.parameters
+    per_param = weight_bytes_per_parameter(svc, shape)
+    weights = int(params * per_param)
+    seq_len = svc.engine.max_model_len or shape.max_position_embeddings or 4096
+    per_token = kv_bytes_per_token(svc, shape)
+    kv = per_token * seq_len
+    required = weights + kv
+    gpus, util = svc.resources.gpus, svc.engine.gpu_memory_utilization
+    available = int(gpus * gpu_memory * util)
+
+    arithmetic = (
+        f"weights {human_bytes(weights)} ({params / 1e9:.2f}B params x {per_param:g} B) + "
+        f"KV cache {human_bytes(kv)} for one {seq_len}-token sequence ({per_token} B/token) = "
+        f"{human_bytes(required)}; usable {human_bytes(available)} "
+        f"({gpus} GPU x {human_bytes(gpu_memory)} x {util:g})")
+    if required > available:
+        return FitReport("DoesNotFit", f"does not fit: {arithmetic}", required, available)
+    if required > available * (1 - TIGHT_HEADROOM):
+        return FitReport("Tight", f"tight fit, under {TIGHT_HEADROOM:.0%} headroom: {arithmetic}",
+                         required, available)
+    return FitReport("Fits", f"fits: {arithmetic}", required, available)
+
+
+def gpu_memory_from_nodes(node_labels: Iterable[Mapping[str, str]]) -> int | None:
+    """Per-GPU memory in bytes from nodes' GPU feature discovery labels (MiB); the smallest wins,
+    because the scheduler may pick any of the matching nodes."""
+    sizes = []
+    for labels in node_labels:
+        value = labels.get(GPU_MEMORY_NODE_LABEL)
+        if value and value.isdigit():
+            sizes.append(int(value) * 2**20)
+    return min(sizes) if sizes else None
+
+
+def model_weight_bytes(svc: InferenceService, config: Mapping[str, Any] | None) -> int | None:
+    """Bytes of weights to load, from config.json, else from the parameter count in the model's name."""
+    shape = None
+    if config is not None:
+        try:
+            shape = ModelShape.from_config(config)
+        except ValueError:
+            shape = None
+    params = shape.parameters if shape else parameters_from_name(svc.model.uri)
+    if params is None:
+        return None
+    return int(params * weight_bytes_per_parameter(svc, shape))
+
+
+# Loading is bounded by the slowest stage: a hub download is far slower than a local disk read. These
+# are deliberately pessimistic rates (a probe that gives up too early kills a healthy pod forever).
+_LOAD_BYTES_PER_SECOND = {"hf": 50e6, "pvc": 200e6, "local": 200e6}
+STARTUP_BASE_SECONDS = 120       # interpreter, CUDA context, profiling run, CUDA graphs
+STARTUP_UNKNOWN_SECONDS = 1800   # no idea of the size: give it half an hour
+STARTUP_MAX_SECONDS = 4 * 3600
+
+
+def startup_budget_seconds(svc: InferenceService, config: Mapping[str, Any] | None) -> int:
+    """How long the startup probe waits before declaring the engine dead, from the weights to load."""
+    weights = model_weight_bytes(svc, config)
+    if weights is None:
+        return STARTUP_UNKNOWN_SECONDS
+    source = svc.model.source
+    # A model cache turns every load after the first into a disk read; the first still downloads,
+    # so the budget stays that of the download.
+    seconds = STARTUP_BASE_SECONDS + weights / _LOAD_BYTES_PER_SECOND[source]
+    return int(min(math.ceil(seconds), STARTUP_MAX_SECONDS))

@@ -1,0 +1,156 @@
+"""kopf handlers: thin glue from cluster events to `reconcile` and the autoscaler.
+
+- create / update (spec) / resume of an InferenceService -> reconcile, status, events;
+- any event on a Deployment or Service the operator manages -> reconcile its owner (drift repair,
+  fresh readiness in status);
+- a timer per InferenceService -> reconcile again (level-triggered safety net), scrape the engines,
+  put KV usage and engine facts in status and, in builtin mode, scale.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from typing import Any
+
+import kopf
+
+from flotilla.operator import metrics
+from flotilla.operator.autoscaler import (
+    decide, fleet_status, history_from_status, history_to_status, scrape_all)
+from flotilla.operator.cluster import PLURAL, ApiError, KubeCluster, NotFound
+from flotilla.operator.reconcile import Outcome, reconcile
+from flotilla.operator.render import GROUP, KIND, MANAGED_BY, PORT, VERSION, selector_labels
+from flotilla.operator.settings import OperatorSettings
+from flotilla.operator.spec import SpecError, parse_service
+
+SETTINGS = OperatorSettings.from_environment()
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cluster(memo: Any) -> KubeCluster:
+    return memo.cluster
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    # Progress and diff-base in annotations under our own prefix: the status schema stays ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.WARNING  # kopf's own chatter stays in logs; our events are explicit
+    settings.watching.server_timeout = 300
+    settings.batching.worker_limit = 32
+    memo.cluster = KubeCluster()
+
+
+def _post(body: Any, outcome: Outcome, only_new: bool) -> None:
+    """Post the outcome's events; periodic paths post only when the Degraded reason changes."""
+    previous = {c.get("type"): c.get("reason") for c in (body.get("status") or {}).get("conditions") or ()}
+    current = {c["type"]: c["reason"] for c in outcome.status.get("conditions", ())}
+    if only_new and previous.get("Degraded") == current.get("Degraded"):
+        return
+    for event in outcome.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _raise_for(outcome: Outcome) -> None:
+    metrics.RECONCILES.labels("error" if outcome.error else "ok").inc()
+    if outcome.error is None:
+        return
+    reason, message, permanent, delay = outcome.error
+    if permanent:
+        raise kopf.PermanentError(f"{reason}: {message}")
+    raise kopf.TemporaryError(f"{reason}: {message}", delay=delay)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def on_spec(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> None:
+    outcome = reconcile(body, _cluster(memo), SETTINGS, _now())
+    patch.status.update(outcome.status)
+    _post(body, outcome, only_new=False)
+    _raise_for(outcome)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+def on_child(body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any) -> None:
+    owner = next((r for r in body.get("metadata", {}).get("ownerReferences") or ()
+                  if r.get("kind") == KIND and r.get("controller")), None)
+    if owner is None:
+        return
+    cluster, namespace = _cluster(memo), body["metadata"]["namespace"]
+    try:
+        service = cluster.get_service(namespace, owner["name"])
+    except (NotFound, ApiError):
+        return  # the owner is gone (garbage collection follows) or unreadable (the timer retries)
+    if service["metadata"].get("deletionTimestamp"):
+        return
+    outcome = reconcile(service, cluster, SETTINGS, _now())
+    try:
+        cluster.patch_status(namespace, owner["name"], outcome.status)
+    except (NotFound, ApiError) as e:
+        logger.warning("status of %s/%s not written: %s", namespace, owner["name"], e)
+    _post(service, outcome, only_new=True)
+
+
+def _ready_pods(pods: list[dict[str, Any]]) -> tuple[list[str], int]:
+    """Metrics URLs of ready pods, and the number of live pods (ready or still starting)."""
+    urls, live = [], 0
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue  # draining: its load is leaving, not a reason to scale
+        live += 1
+        st = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or ())
+        if ready and st.get("podIP"):
+            urls.append(f"http://{st['podIP']}:{PORT}/metrics")
+    return urls, live
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.scrape_interval_seconds,
+            initial_delay=SETTINGS.scrape_interval_seconds)
+async def observe(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: logging.Logger, **_: Any) -> None:
+    cluster = _cluster(memo)
+    outcome = await asyncio.to_thread(reconcile, body, cluster, SETTINGS, _now())
+    patch.status.update(outcome.status)
+    _post(body, outcome, only_new=True)
+    try:
+        svc = parse_service(body, SETTINGS.engine_image)
+    except SpecError:
+        return
+    pods = await asyncio.to_thread(cluster.pods, svc.namespace, selector_labels(svc))
+    urls, live = _ready_pods(pods)
+    scraped = await scrape_all(urls, SETTINGS.scrape_timeout_seconds)
+    # Pods that are live but not ready (loading) count as unreachable: see autoscaler.decide.
+    samples = scraped + [None] * (live - len(urls))
+    metrics.SCRAPE_FAILURES.inc(sum(1 for s in scraped if s is None))
+    fleet = fleet_status(samples)
+    patch.status.update(fleet)
+    if "kvCacheUtilization" in fleet:
+        metrics.KV_CACHE_UTILIZATION.labels(svc.namespace, svc.name).set(float(fleet["kvCacheUtilization"]))
+    metrics.DESIRED_REPLICAS.labels(svc.namespace, svc.name).set(svc.desired_replicas)
+
+    a = svc.autoscaling
+    if not (a.enabled and a.mode == "builtin"):
+        return
+    previous = (body.get("status") or {}).get("autoscaler") or {}
+    decision = decide(a, svc.desired_replicas, samples,
+                      history_from_status(previous.get("recommendations") or ()), time.time())
+    patch.status["autoscaler"] = {"reason": decision.reason, "message": decision.message,
+                                  "recommendations": history_to_status(decision.history)}
+    patch.status["desiredReplicas"] = decision.desired
+    if decision.desired != svc.replicas:
+        await asyncio.to_thread(cluster.scale, svc.namespace, svc.name, decision.desired)
+        patch.status["lastScaleTime"] = _now()
+        metrics.SCALE_EVENTS.labels(decision.direction).inc()
+        kopf.event(body, type="Normal", reason=decision.reason, message=decision.message)
+        logger.info("%s: %s", decision.reason, decision.message)
+    elif decision.reason != previous.get("reason") and decision.reason in ("HeldUnreachable", "NoMetrics"):
+        kopf.event(body, type="Warning", reason=decision.reason, message=decision.message)

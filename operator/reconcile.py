@@ -1,0 +1,134 @@
+"""One reconciliation of one InferenceService: spec -> fit check -> children applied -> status.
+
+Level-triggered: it looks only at the object and the cluster as they are now, so running it again (on
+resume, on a child's drift, on a retry) is always safe. It returns what happened instead of raising,
+and the kopf handlers turn the outcome into status, events and kopf errors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from flotilla.operator import fit
+from flotilla.operator.cluster import ApiError, Cluster, KindNotInstalled, NotFound, label_selector
+from flotilla.operator.render import render_children, selector_labels
+from flotilla.operator.settings import OperatorSettings
+from flotilla.operator.spec import InferenceService, SpecError, parse_service
+from flotilla.operator.status import DeploymentState, Observation, pod_problems, status_patch
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # "Normal" | "Warning"
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    """What a reconciliation did. `error` is (reason, message, permanent, retry delay seconds)."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    error: tuple[str, str, bool, int] | None = None
+
+
+def _model_config(svc: InferenceService, cluster: Cluster) -> dict[str, Any] | None:
+    if svc.model.config is not None:
+        return dict(svc.model.config)
+    ref = svc.model.config_map_ref
+    if ref is None:
+        return None
+    return cluster.config_map_json(svc.namespace, ref.name, ref.key)
+
+
+def _gpu_memory(svc: InferenceService, cluster: Cluster) -> int | None:
+    if svc.resources.gpu_memory_bytes or svc.resources.gpus == 0:
+        return svc.resources.gpu_memory_bytes
+    # Only nodes the pod could land on: the nodeSelector's, and among them those that say.
+    return fit.gpu_memory_from_nodes(cluster.node_labels(svc.node_selector))
+
+
+def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSettings,
+              now: str) -> Outcome:
+    """Bring the cluster in line with one InferenceService object; never raises for expected failures."""
+    out = Outcome()
+    previous = (body.get("status") or {}).get("conditions") or ()
+    generation = int((body.get("metadata") or {}).get("generation") or 0)
+    name = (body.get("metadata") or {}).get("name", "")
+    namespace = (body.get("metadata") or {}).get("namespace", "default")
+
+    def finish(svc: InferenceService | None, deployment: Mapping[str, Any] | None,
+               problem: tuple[str, str] | None, desired: int) -> Outcome:
+        state = DeploymentState.from_object(deployment) if deployment else None
+        problems: tuple = ()
+        if svc is not None and state is not None and state.ready_replicas < desired:
+            try:
+                problems = tuple(p for pod in cluster.pods(namespace, selector_labels(svc))
+                                 for p in pod_problems(pod))
+            except (ApiError, NotFound):
+                problems = ()
+        selector = label_selector(selector_labels(svc)) if svc else ""
+        endpoint = svc.endpoint if svc else ""
+        out.status.update(status_patch(Observation(generation, desired, state, problems, problem),
+                                       previous, now, endpoint, selector))
+        return out
+
+    try:
+        svc = parse_service(body, settings.engine_image)
+    except SpecError as e:
+        out.error = (e.reason, str(e), True, 0)
+        out.events.append(Event("Warning", e.reason, str(e)))
+        return finish(None, None, (e.reason, str(e)), 0)
+
+    try:
+        config = _model_config(svc, cluster)
+        gpu_memory = _gpu_memory(svc, cluster)
+    except NotFound as e:
+        message = f"model config not found: {e}"
+        out.error = ("ConfigMissing", message, False, 30)
+        out.events.append(Event("Warning", "ConfigMissing", message))
+        return finish(svc, None, ("ConfigMissing", message), svc.desired_replicas)
+    except (ApiError, ValueError) as e:
+        message = f"cannot read model config or nodes: {e}"
+        out.error = ("ConfigUnreadable", message, False, 30)
+        return finish(svc, None, ("ConfigUnreadable", message), svc.desired_replicas)
+
+    report = fit.check_fit(svc, config, gpu_memory)
+    out.status["fit"] = {"verdict": report.verdict, "message": report.message,
+                         "requiredBytes": report.required_bytes, "availableBytes": report.available_bytes}
+    if report.verdict == "DoesNotFit":
+        out.error = ("DoesNotFit", report.message, True, 0)
+        out.events.append(Event("Warning", "DoesNotFit", report.message))
+        return finish(svc, _current_deployment(svc, cluster), ("DoesNotFit", report.message),
+                      svc.desired_replicas)
+    if report.verdict == "Tight":
+        out.events.append(Event("Warning", "TightFit", report.message))
+
+    children = render_children(svc, config, settings.prometheus_address)
+    deployment = None
+    try:
+        for obj in children.objects:
+            applied = cluster.apply(obj)
+            if obj["kind"] == "Deployment":
+                deployment = applied
+        for api_version, kind in children.absent:
+            cluster.delete(api_version, kind, svc.namespace, svc.name)
+    except KindNotInstalled as e:
+        message = f"{e}; install it or choose another autoscaling.mode"
+        out.error = ("KindNotInstalled", message, False, 60)
+        out.events.append(Event("Warning", "KindNotInstalled", message))
+        return finish(svc, deployment, ("KindNotInstalled", message), svc.desired_replicas)
+    except (ApiError, NotFound) as e:
+        out.error = ("ApplyFailed", str(e), getattr(e, "permanent", False), 15)
+        out.events.append(Event("Warning", "ApplyFailed", str(e)))
+        return finish(svc, deployment, ("ApplyFailed", str(e)), svc.desired_replicas)
+    return finish(svc, deployment, None, svc.desired_replicas)
+
+
+def _current_deployment(svc: InferenceService, cluster: Cluster) -> dict[str, Any] | None:
+    """The fleet already running, if any: a spec that does not fit leaves it serving."""
+    try:
+        return cluster.get("apps/v1", "Deployment", svc.namespace, svc.name)
+    except (NotFound, ApiError):
+        return None
