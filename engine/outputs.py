@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # One generated position's log-probabilities: token id -> Logprob, the sampled token always included.
 LogprobDict = dict[int, "Logprob"]
@@ -56,5 +56,3 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
-    # Per-step text deltas for streaming (index -> new text since the previous output of this request).
-    deltas: dict[int, str] = field(default_factory=dict, repr=False)

@@ -55,7 +55,6 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
     out = Outcome()
     previous = (body.get("status") or {}).get("conditions") or ()
     generation = int((body.get("metadata") or {}).get("generation") or 0)
-    name = (body.get("metadata") or {}).get("name", "")
     namespace = (body.get("metadata") or {}).get("namespace", "default")
 
     def finish(svc: InferenceService | None, deployment: Mapping[str, Any] | None,
