@@ -105,7 +105,8 @@ class BlockManager:
         revived = sum(1 for b in prefix_blocks if self.blocks[b].ref_count == 0)
         if new + revived > len(self._free):
             return False
-        if self.enable_prefix_caching and not request.block_ids:  # admission: count the lookup once
+        if self.enable_prefix_caching and not request.block_ids and request.num_computed_tokens == 0:
+            # admission (not a swap-in): count the lookup once
             self.prefix_queries += request.num_tokens
             self.prefix_hits += len(prefix_blocks) * self.block_size
         for b in prefix_blocks:
@@ -160,3 +161,26 @@ class BlockManager:
         for block in self.blocks:
             if block.ref_count < 0 or (block.ref_count == 0) != (block.block_id in free):
                 raise AssertionError(f"block {block.block_id}: ref_count {block.ref_count}, free={block.block_id in free}")
+
+
+class SwapPool:
+    """Host-memory blocks that hold preempted requests' K/V under ``preemption_mode="swap"``. Plain
+    bookkeeping like the device pool, without sharing or caching: a swapped request owns its blocks."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, block_ids: list[int]) -> None:
+        if len(set(block_ids) | set(self._free)) != len(block_ids) + len(self._free):
+            raise RuntimeError("swap block freed twice")
+        self._free.extend(reversed(block_ids))

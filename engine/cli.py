@@ -45,7 +45,8 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--swap-space", type=float, default=4.0)
+    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for --preemption-mode swap")
+    p.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -81,7 +82,7 @@ def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
         model=model, tokenizer=ns.tokenizer, dtype=ns.dtype, max_model_len=ns.max_model_len,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size,
         gpu_memory_utilization=ns.gpu_memory_utilization, num_gpu_blocks_override=ns.num_gpu_blocks_override,
-        swap_space=ns.swap_space, enable_prefix_caching=ns.enable_prefix_caching,
+        swap_space=ns.swap_space, preemption_mode=ns.preemption_mode, enable_prefix_caching=ns.enable_prefix_caching,
         enable_chunked_prefill=ns.enable_chunked_prefill, load_format=ns.load_format, seed=ns.seed,
         device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=True,
     )

@@ -38,7 +38,8 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     # KV-cache memory on CPU in GiB, as vLLM's CPU backend sets it with VLLM_CPU_KVCACHE_SPACE.
     cpu_kvcache_space_gib: float | None = None
-    swap_space: float = 4.0
+    swap_space: float = 4.0  # GiB of CPU memory for swapped-out KV blocks (preemption_mode="swap")
+    preemption_mode: str = "recompute"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     load_format: str = "auto"
@@ -89,6 +90,10 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format: must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode: must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space: must be >= 0 GiB, got {self.swap_space}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override: must be >= 1, got {self.num_gpu_blocks_override}")
 
@@ -106,6 +111,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool
+    preemption_mode: str = "recompute"
 
 
 def default_cpu_kvcache_gib(args: EngineArgs) -> float:

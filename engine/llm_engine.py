@@ -13,7 +13,7 @@ from typing import Any, Iterable, Union
 
 import torch
 
-from flotilla.engine.block_manager import BlockManager
+from flotilla.engine.block_manager import BlockManager, SwapPool
 from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, default_cpu_kvcache_gib
 from flotilla.engine.detokenizer import IncrementalDetokenizer
 from flotilla.engine.model_loader import (
@@ -42,12 +42,14 @@ class EngineStats:
 
     num_running: int  # vllm:num_requests_running
     num_waiting: int  # vllm:num_requests_waiting
+    num_swapped: int  # vllm:num_requests_swapped
     kv_cache_usage: float  # vllm:kv_cache_usage_perc
     num_preemptions: int  # vllm:num_preemptions_total
     prefix_cache_queries: int  # vllm:prefix_cache_queries_total
     prefix_cache_hits: int  # vllm:prefix_cache_hits_total
-    prompt_tokens: int  # vllm:prompt_tokens_total (tokens computed for prompts)
+    prompt_tokens: int  # vllm:prompt_tokens_total (prompt tokens of requests that produced output)
     generation_tokens: int  # vllm:generation_tokens_total
+    computed_prompt_tokens: int  # prompt positions actually run through the model (cache hits skip them)
 
 
 @dataclass
@@ -104,14 +106,22 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, max_batched, max_model_len,
-                                                args.enable_chunked_prefill)
+                                                args.enable_chunked_prefill, args.preemption_mode)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        swap_pool = None
+        if args.preemption_mode == "swap":
+            per_block = kv_bytes_per_block(self.model_config, args.block_size, self.dtype)
+            num_host_blocks = int(args.swap_space * 2**30 // per_block)
+            self.runner.allocate_host_cache(num_host_blocks)
+            swap_pool = SwapPool(num_host_blocks)
+            logger.info("swap space: %d host blocks (%.2f GiB)", num_host_blocks, args.swap_space)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager, swap_pool)
         self.max_model_len = max_model_len
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.computed_prompt_tokens = 0
         self.model_load_seconds = time.perf_counter() - t0
         logger.info(
             "engine ready: model %s, %s on %s, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d, load %.1fs",
@@ -248,6 +258,7 @@ class LLMEngine:
         for s in sched.scheduled:
             r = s.request
             start = r.num_computed_tokens
+            self.computed_prompt_tokens += max(min(start + s.num_new_tokens, r.num_prompt_tokens) - start, 0)
             r.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(r)
             parent, _ = self._children[r.request_id]
@@ -337,12 +348,14 @@ class LLMEngine:
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
+            num_swapped=len(self.scheduler.swapped),
             kv_cache_usage=bm.usage,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             prompt_tokens=self.prompt_tokens_total,
             generation_tokens=self.generation_tokens_total,
+            computed_prompt_tokens=self.computed_prompt_tokens,
         )
 
     def kv_token_utilization(self) -> float:

@@ -48,6 +48,7 @@ class ModelRunner:
         self.backend = select_backend(device)
         self.sampler = Sampler(seed)
         self.kv_cache: torch.Tensor | None = None
+        self.host_cache: torch.Tensor | None = None  # swap space, same layout, in host memory
         self.num_blocks = 0
 
     # ---- KV cache -----------------------------------------------------------------------------------
@@ -99,6 +100,25 @@ class ModelRunner:
         self._bind_cache(self._new_cache(num_blocks))
         self.num_blocks = num_blocks
 
+    def allocate_host_cache(self, num_blocks: int) -> None:
+        num_kv_heads, head_dim = self._kv_head_shape()
+        self.host_cache = torch.zeros(self.config.num_hidden_layers, 2, num_blocks, num_kv_heads, self.block_size,
+                                      head_dim, dtype=self.dtype, device="cpu",
+                                      pin_memory=self.device.type == "cuda")
+
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Move whole blocks (every layer, K and V) between device and host, before the forward pass
+        reuses any block freed by a swap-out."""
+        assert self.kv_cache is not None
+        if swap_out:
+            src = torch.tensor([a for a, _ in swap_out], device=self.device)
+            dst = torch.tensor([b for _, b in swap_out])
+            self.host_cache[:, :, dst] = self.kv_cache[:, :, src].to("cpu")  # type: ignore[index]
+        if swap_in:
+            src = torch.tensor([a for a, _ in swap_in])
+            dst = torch.tensor([b for _, b in swap_in], device=self.device)
+            self.kv_cache[:, :, dst] = self.host_cache[:, :, src].to(self.device, non_blocking=True)  # type: ignore[index]
+
     def _bind_cache(self, cache: torch.Tensor) -> None:
         self.kv_cache = cache
         for i, attn in enumerate(self.model.attention_layers):
@@ -148,6 +168,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if sched.swap_out or sched.swap_in:
+            self.swap(sched.swap_out, sched.swap_in)
         # Decodes first: the attention layer serves them with one batched call.
         batch = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
         input_ids, positions, meta = self._prepare(batch)

@@ -14,6 +14,7 @@ from flotilla.engine.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -43,6 +44,7 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    cpu_block_ids: list[int] = field(default_factory=list)  # where its K/V wait while swapped out
     block_hashes: list[bytes] = field(default_factory=list)  # of its full, cached blocks, in order
     cumulative_logprob: float = 0.0
     logprobs: list[LogprobDict] | None = None

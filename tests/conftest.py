@@ -104,3 +104,6 @@ def assert_pool_whole(engine) -> None:
     bm.check_integrity()
     assert not engine.has_unfinished_requests()
     assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} blocks leaked"
+    swap = engine.scheduler.swap_pool
+    if swap is not None:
+        assert swap.num_free_blocks == swap.num_blocks, "host swap blocks leaked"

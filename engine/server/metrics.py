@@ -44,6 +44,7 @@ class _EngineCollector(Collector):
 
         yield gauge("vllm:num_requests_running", "Requests in the running batch.", s.num_running)
         yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield gauge("vllm:num_requests_swapped", "Requests swapped out to host memory.", s.num_swapped)
         yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", s.kv_cache_usage)
         yield gauge("vllm:gpu_cache_usage_perc", "Deprecated alias of vllm:kv_cache_usage_perc.", s.kv_cache_usage)
         yield counter("vllm:num_preemptions", "Cumulative preemptions.", s.num_preemptions)
