@@ -13,7 +13,11 @@ from typing import Iterator, Protocol
 
 import torch
 
+from flotilla.kernels import dispatch
 from flotilla.kernels import paged_attention as ref
+
+# Environment override for ``select_backend``: torch | triton (auto when unset).
+BACKEND_ENV = "FLOTILLA_ATTENTION_BACKEND"
 
 
 @dataclass
@@ -59,12 +63,29 @@ class TorchReferenceBackend:
     prefill_fresh = staticmethod(ref.varlen_causal_attention_ref)
 
 
+class TritonBackend:
+    """Triton kernels (``flotilla.kernels.triton_*``): the CUDA path. Also runs on CPU tensors under
+    ``TRITON_INTERPRET=1``, which is how the CPU suite checks it against ``TorchReferenceBackend``."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        # Imported here: triton is a Linux-only dependency and the torch path must not need it.
+        from flotilla.kernels import triton_cache, triton_paged_attention
+
+        self.write_kv = triton_cache.write_kv_cache
+        self.decode = triton_paged_attention.paged_decode_attention
+        self.prefill_paged = triton_paged_attention.paged_prefill_attention
+        self.prefill_fresh = triton_paged_attention.varlen_causal_attention
+
+
 def select_backend(device: torch.device, name: str = "auto") -> AttentionBackend:
-    """The one place that picks an implementation. Only the torch reference exists so far; the Triton
-    kernels register here for CUDA."""
-    if name in ("auto", "torch"):
-        return TorchReferenceBackend()
-    raise ValueError(f"attention backend {name!r} is not available on {device}")
+    """The one place that picks an implementation: Triton on CUDA, the torch reference elsewhere.
+    ``name`` (``auto``/``torch``/``triton``) or the ``FLOTILLA_ATTENTION_BACKEND`` environment variable
+    overrides the choice; forcing Triton off CUDA needs ``TRITON_INTERPRET=1``."""
+    if dispatch.resolve(device, name, BACKEND_ENV) == "triton":
+        return TritonBackend()
+    return TorchReferenceBackend()
 
 
 _current: AttentionMetadata | None = None

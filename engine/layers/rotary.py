@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from flotilla.kernels.elementwise import rotary_embedding
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies ``[head_dim // 2]`` in fp32, with Llama 3.1's piecewise rescaling when
@@ -46,14 +48,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+        """Rotated ``(q, k)``: a Triton kernel on CUDA, the torch reference elsewhere."""
+        return rotary_embedding(positions, q, k, self.cos, self.sin)

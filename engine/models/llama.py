@@ -16,6 +16,7 @@ from torch import nn
 from flotilla.engine.layers.attention import PagedAttention
 from flotilla.engine.layers.norm import RMSNorm
 from flotilla.engine.layers.rotary import RotaryEmbedding
+from flotilla.kernels.elementwise import silu_and_mul
 
 
 def _rope_settings(config: Any) -> tuple[float, dict[str, Any] | None]:
@@ -82,8 +83,7 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,0 +1,43 @@
+"""The one rule that picks an implementation for a kernel family: Triton on CUDA, the torch reference
+elsewhere, overridable by name or by an environment variable (tests force Triton on the CPU under
+``TRITON_INTERPRET=1``; operators force torch on CUDA to bisect a numerical problem)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+IMPLEMENTATIONS = ("torch", "triton")
+
+
+def triton_available() -> bool:
+    """Triton imports (Linux wheels only) — on the CPU it can only run under ``TRITON_INTERPRET=1``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve(device: torch.device | str, name: str = "auto", env_var: str | None = None) -> str:
+    """``"triton"`` or ``"torch"`` for kernels on ``device``. An explicit ``name`` wins, then ``env_var``'s
+    value, then the default (Triton on CUDA when it imports, torch elsewhere). Asking for Triton where it
+    cannot run raises, rather than silently measuring or testing the wrong thing."""
+    device = torch.device(device)
+    if name == "auto" and env_var:
+        name = os.environ.get(env_var, "auto").strip().lower() or "auto"
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown kernel implementation {name!r}: expected auto, torch or triton")
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("the triton implementation was asked for but triton does not import")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"triton kernels need a CUDA device or TRITON_INTERPRET=1, not {device}")
+    return name

@@ -1,0 +1,105 @@
+"""Fused elementwise ops of the decoder — RMSNorm with the residual add, rotary embedding, SiLU-and-mul —
+as torch references (the CPU path and the oracle) plus the single dispatch point the layers call.
+
+Dispatch: Triton (``flotilla.kernels.triton_elementwise``) for CUDA tensors, the reference otherwise;
+``FLOTILLA_ELEMENTWISE_BACKEND=torch|triton`` overrides it (tests force Triton on the CPU under
+``TRITON_INTERPRET=1``). The references keep the exact order of operations of transformers' Llama, so
+fp32 CPU outputs match it bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from flotilla.kernels import dispatch
+
+ELEMENTWISE_ENV = "FLOTILLA_ELEMENTWISE_BACKEND"
+
+
+# ---- references ---------------------------------------------------------------------------------------
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Without ``residual``: ``norm(x)``. With it: ``(norm(x + residual), x + residual)``, the pre-norm
+    decoder's residual stream update fused with the next norm. Rows are the last dimension."""
+    if residual is not None:
+        x = residual + x
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    normed = weight * h.to(dtype)
+    return normed if residual is None else (normed, x)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_embedding_ref(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) RoPE of ``q`` ``[T, H, D]`` and ``k`` ``[T, KVH, D]`` at ``positions``
+    ``[T]``, with ``cos``/``sin`` tables ``[max_position, D]`` (both halves equal; the llama3 frequency
+    scaling is baked into them by ``engine.layers.rotary.rope_inv_freq``)."""
+    c = cos[positions].unsqueeze(1).to(q.dtype)
+    s = sin[positions].unsqueeze(1).to(q.dtype)
+    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [gate | up]`` packed on the last dimension (``gate_up_proj``'s output)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---- dispatch -----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _implementation(device_type: str, override: str, interpret: str) -> str:
+    # Keyed on the environment's values, so a test that changes them gets a fresh decision.
+    return dispatch.resolve(torch.device(device_type), override)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    override = os.environ.get(ELEMENTWISE_ENV, "auto").strip().lower() or "auto"
+    return _implementation(t.device.type, override, os.environ.get("TRITON_INTERPRET", "0")) == "triton"
+
+
+def _triton(name: str) -> Callable:
+    from flotilla.kernels import triton_elementwise  # triton is Linux-only: import it only when used
+
+    return getattr(triton_elementwise, name)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm_ref``'s contract, on the implementation the dispatch rule picks."""
+    if _use_triton(x):
+        return _triton("rms_norm")(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary_embedding_ref``'s contract, on the implementation the dispatch rule picks."""
+    if _use_triton(q):
+        return _triton("rotary_embedding")(positions, q, k, cos, sin)
+    return rotary_embedding_ref(positions, q, k, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu_and_mul_ref``'s contract, on the implementation the dispatch rule picks."""
+    if _use_triton(x):
+        return _triton("silu_and_mul")(x)
+    return silu_and_mul_ref(x)

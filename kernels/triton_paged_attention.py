@@ -1,0 +1,351 @@
+"""Paged attention in Triton: decode (flash-decoding with a log-sum-exp merge) and varlen causal prefill
+over the paged cache. Same signatures and layouts as the torch references in
+``flotilla.kernels.paged_attention``, which are their test oracle and the CPU path.
+
+Numerics: every load is cast to fp32 and softmax statistics, scores and accumulators are fp32. Decode is
+bandwidth-bound, so its two matmuls run in fp32 too (``input_precision="ieee"``: no TF32 rounding). Prefill
+is compute-bound, so its matmuls take the storage dtype (fp16/bf16 on tensor cores, fp32 operands stay
+IEEE fp32) with fp32 accumulation and the probabilities are rounded to V's dtype before ``P @ V``, as
+flash-attention does; the tests' fp16 tolerances cover that rounding.
+
+Under ``TRITON_INTERPRET=1`` these run on CPU tensors (slowly), which is how the CPU test suite checks them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Decode: a split should cover enough tokens that the merge is cheap relative to the split itself.
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _device_programs_target(device: torch.device) -> int:
+    """How many programs it takes to fill the device: two per SM on CUDA; 1 on the CPU interpreter,
+    where there is nothing to fill and splitting only costs time."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size: int,
+                      device: torch.device) -> int:
+    """Split-K factor for flash-decoding: split only when sequences × KV heads leave the device idle, and
+    never below ``_MIN_TOKENS_PER_SPLIT`` tokens a split. Uses host-known shapes only (no sync on
+    ``seq_lens``), so it is CUDA-graph safe."""
+    programs = max(1, num_seqs * num_kv_heads)
+    want = triton.cdiv(_device_programs_target(device), programs)
+    cap = max(1, (max_blocks * block_size) // _MIN_TOKENS_PER_SPLIT)
+    return max(1, min(want, cap, _MAX_SPLITS))
+
+
+@triton.jit(do_not_specialize=["blocks_per_split"])
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
+    stride_qs, stride_qh,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_bt,
+    stride_os, stride_oh, stride_osplit,
+    stride_ls, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, blocks_per_split,
+):
+    """One program: one sequence × one KV head × one split of its blocks. It serves all GROUP query heads
+    that share the KV head, so each K/V tile is read once for the whole group (GQA). The group is padded to
+    BLOCK_G >= 16 rows so the score and PV products are ``tl.dot``s."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(lens_ptr + seq)
+    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, num_blocks)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    t = tl.arange(0, BLOCK_SIZE)
+    heads = kvh * GROUP + g
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    for blk in range(first, last):
+        phys = tl.load(bt_ptr + seq * stride_bt + blk).to(tl.int64)
+        t_ok = blk * BLOCK_SIZE + t < seq_len  # the last block may be partial
+        kv_mask = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + phys * stride_kb + t[:, None] * stride_kt + d[None, :], mask=kv_mask,
+                    other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_SIZE]
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)  # 0 on the first block (m = -inf)
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + phys * stride_vb + t[:, None] * stride_vt + d[None, :], mask=kv_mask,
+                    other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m = m_new
+
+    has = l > 0  # an empty split (past the sequence's end) has l = 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + split * stride_osplit + d[None, :]
+    o_mask = g_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        tl.store(o_ptrs, out, mask=o_mask)
+        lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+        tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=g_ok)
+    else:
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, lse_ptr, out_ptr, num_splits,
+    stride_ps, stride_ph, stride_psplit,
+    stride_ls, stride_lh,
+    stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    """Combine a head's per-split normalised outputs: out = sum_i exp(lse_i - M) o_i / sum_i exp(lse_i - M),
+    with M the largest lse, so no split's exponent overflows and empty splits (lse = -inf) weigh 0."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    sp_ok = sp < num_splits
+    lse = tl.load(lse_ptr + seq * stride_ls + head * stride_lh + sp, mask=sp_ok, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # a zero-length sequence: every weight is 0, output 0
+    w = tl.exp(lse - top)
+    part = tl.load(part_ptr + seq * stride_ps + head * stride_ph + sp[:, None] * stride_psplit + d[None, :],
+                   mask=sp_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's head_dim must be contiguous")
+    if k_cache.shape[2] & (k_cache.shape[2] - 1):
+        raise ValueError(f"block_size must be a power of two, got {k_cache.shape[2]}")
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton twin of ``paged_decode_attention_ref``. ``num_splits`` forces the split-K factor (tests);
+    by default ``decode_num_splits`` picks it from the shapes."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    _check_cache(k_cache, v_cache)
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    if num_seqs == 0:
+        return out
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    max_blocks = block_tables.shape[1]
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_blocks, block_size, query.device)
+    blocks_per_split = triton.cdiv(max_blocks, max(1, num_splits))
+    num_splits = triton.cdiv(max_blocks, blocks_per_split)  # no split that starts past every table's end
+    block_g = max(16, triton.next_power_of_2(group))
+    block_d = triton.next_power_of_2(head_dim)
+    split = num_splits > 1
+    if split:
+        part = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        target, t_strides, l_strides = part, part.stride()[:3], lse.stride()[:2]
+    else:
+        lse = out  # unused when not splitting
+        target, t_strides, l_strides = out, (*out.stride()[:2], 0), (0, 0)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, target, lse, scale,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        *t_strides, *l_strides,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        SPLIT=split, blocks_per_split=blocks_per_split,  # a runtime value: no recompile per batch shape
+        num_warps=4,
+    )
+    if split:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part, lse, out, num_splits,
+            *part.stride()[:3], *lse.stride()[:2], *out.stride()[:2],
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+# ---- prefill ------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, lens_ptr, qsl_ptr, scale, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M consecutive new tokens of one sequence × one query head.
+
+    Tiles are laid out without a host sync: sequence i owns tiles from ``qsl[i] // BLOCK_M + i``, an upper
+    bound on the tiles of the sequences before it, so a binary search over ``query_start_loc`` finds a
+    program's sequence and surplus programs exit. PAGED reads K/V through the block table (context already
+    cached); otherwise K/V are the new tokens' own ``[num_tokens, kv_heads, head_dim]`` tensors."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    kvh = head // GROUP
+
+    lo: tl.int32 = 0
+    hi = num_seqs  # count the i with qsl[i] // BLOCK_M + i <= pid; the last of them is this program's
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_M + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    tile = pid - (q_start // BLOCK_M + seq)
+    if tile * BLOCK_M < q_len:
+        if PAGED:
+            seq_len = tl.load(lens_ptr + seq)
+        else:
+            seq_len = q_len
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        q_pos = seq_len - q_len + rows  # absolute position of each query token
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        dot_dtype = k_ptr.dtype.element_ty
+        q = q.to(dot_dtype)  # the matmuls take the storage dtype (see the module docstring)
+
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Causality: this tile's last query sees keys up to its own position, nothing beyond.
+        kv_end = tl.minimum(seq_len, seq_len - q_len + tl.minimum((tile + 1) * BLOCK_M, q_len))
+        n = tl.arange(0, BLOCK_N)
+        for start in range(0, kv_end, BLOCK_N):
+            pos = start + n
+            n_ok = pos < kv_end
+            if PAGED:
+                # BLOCK_N may span several cache blocks: look up each key's block.
+                phys = tl.load(bt_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+                k_off = phys * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+                v_off = phys * stride_vb + (pos % BLOCK_SIZE) * stride_vt + kvh * stride_vh
+            else:
+                k_off = (q_start + pos).to(tl.int64) * stride_kt + kvh * stride_kh
+                v_off = (q_start + pos).to(tl.int64) * stride_vt + kvh * stride_vh
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+            visible = (pos[None, :] <= q_pos[:, None]) & n_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            l = l * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision=DOT_PRECISION)
+            m = m_new
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _prefill_launch(query, key_src, value_src, block_tables, seq_lens, query_start_loc, scale, block_size,
+                    paged: bool, key_strides, value_strides) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_src.shape[1]
+    out = torch.empty_like(query)
+    num_seqs = query_start_loc.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    block_m = 16 if query.device.type != "cuda" else 64
+    block_n = max(16, min(64, block_size)) if query.device.type != "cuda" else 64
+    _prefill_kernel[(num_tokens // block_m + num_seqs, num_heads)](
+        query, key_src, value_src, out, block_tables, seq_lens, query_start_loc, scale, num_seqs,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        *key_strides, *value_strides, block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, PAGED=paged,
+        # fp32 operands stay IEEE fp32 (no TF32); fp16/bf16 ignore this and use tensor cores.
+        DOT_PRECISION="ieee" if key_src.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2 if query.device.type == "cuda" else 1,
+    )
+    return out
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Triton twin of ``paged_prefill_attention_ref``: new-token spans attend causally to their whole
+    paged context (prefix-cache hits, earlier chunks, and themselves, already written)."""
+    _check_cache(k_cache, v_cache)
+    return _prefill_launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                           k_cache.shape[2], True, k_cache.stride()[:3], v_cache.stride()[:3])
+
+
+def varlen_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Triton twin of ``varlen_causal_attention_ref``: prompts with no cached context attend to their own
+    new K/V ``[num_tokens, kv_heads, head_dim]``; nothing is read from the paged cache."""
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    # The block table and block size are unused when not PAGED; pass placeholders of the right kinds.
+    return _prefill_launch(query, key, value, query_start_loc, query_start_loc, query_start_loc, scale, 16,
+                           False, (0, key.stride(1), key.stride(0)), (0, value.stride(1), value.stride(0)))
+
+
+__all__ = [
+    "decode_num_splits",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "varlen_causal_attention",
+]

@@ -1,0 +1,209 @@
+"""The Triton paged-attention kernels against their torch references, over random non-contiguous block
+tables, mixed context lengths (1 token, exact blocks, several blocks plus a partial one), GQA 1/4/8,
+head_dim 64/128, block sizes 16/32, and split-K on and off.
+
+Runs on CUDA when there is one; otherwise under ``TRITON_INTERPRET=1`` on the CPU (set here before the
+kernels are imported, so plain ``pytest`` works too). The interpreter computes bf16 wrongly, so bf16 runs
+on CUDA only.
+
+Tolerances (absolute = relative), kernel vs reference:
+- fp32: 2e-5. Both compute in fp32; only the summation order differs.
+- fp16: decode 3e-3 (the reference rounds its fp16 score matmul to fp16, the kernel keeps fp32: ~1 fp16
+  ulp of the output); prefill 5e-3 (the kernel also rounds P to fp16 before ``P @ V``, as flash-attention).
+- bf16 (CUDA only): 2e-2 (8 mantissa bits).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from flotilla.kernels.paged_attention import (  # noqa: E402
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+    varlen_causal_attention_ref,
+)
+from flotilla.kernels.triton_paged_attention import (  # noqa: E402
+    decode_num_splits,
+    paged_decode_attention,
+    paged_prefill_attention,
+    varlen_causal_attention,
+)
+
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16",
+                 marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA: the interpreter's bf16 is wrong")),
+]
+DECODE_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+PREFILL_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# (heads, kv_heads): GQA ratios 1, 4 and 8
+GQA = [(4, 4), (8, 2), (8, 1)]
+
+
+def paged_setup(seq_lens: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                seed: int, extra_width: int = 2):
+    """A cache whose sequences own random, unordered blocks (with spare blocks and padded table rows that
+    must never be read), filled with random K/V. Returns caches, block tables, and each sequence's
+    K/V ``[len, kv_heads, head_dim]``."""
+    g = torch.Generator().manual_seed(seed)
+    need = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(need) + 7
+    # Garbage, not zeros, in unused blocks: a kernel that reads past a context would be caught.
+    k_cache = (torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g) * 100).to(dtype)
+    v_cache = (torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g) * 100).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(need) + extra_width
+    tables, keys, values = [], [], []
+    for n, nb in zip(seq_lens, need):
+        blocks = [perm.pop() for _ in range(nb)]
+        tables.append(blocks + [perm[0]] * (width - nb))  # padding points at a real (garbage) block
+        k = torch.randn(n, kv_heads, head_dim, generator=g).to(dtype)
+        v = torch.randn(n, kv_heads, head_dim, generator=g).to(dtype)
+        for p in range(n):
+            k_cache[blocks[p // block_size], :, p % block_size] = k[p]
+            v_cache[blocks[p // block_size], :, p % block_size] = v[p]
+        keys.append(k)
+        values.append(v)
+    dev = DEVICE
+    return (k_cache.to(dev), v_cache.to(dev), torch.tensor(tables, dtype=torch.int32, device=dev), keys, values)
+
+
+def context_lengths(block_size: int) -> list[int]:
+    """1 token, a block minus one, exactly one block, one block plus one, several blocks plus a partial."""
+    return [1, block_size - 1, block_size, block_size + 1, 4 * block_size + 5]
+
+
+@pytest.mark.parametrize("heads, kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "split-k"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_matches_reference(heads, kv_heads, head_dim, block_size, num_splits, dtype):
+    seq_lens = context_lengths(block_size)
+    k_cache, v_cache, tables, _, _ = paged_setup(seq_lens, kv_heads, head_dim, block_size, dtype, seed=head_dim)
+    q = torch.randn(len(seq_lens), heads, head_dim, device=DEVICE).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=num_splits)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = DECODE_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5, 64])
+def test_decode_split_k_merge_is_exact_for_any_split_count(num_splits):
+    """Split counts that leave some splits empty for short sequences (lse = -inf must weigh nothing), and
+    more splits than blocks (capped to one block each)."""
+    heads, kv_heads, head_dim, block_size = 8, 2, 64, 16
+    seq_lens = [1, 17, 9 * block_size + 3, 40]
+    k_cache, v_cache, tables, _, _ = paged_setup(seq_lens, kv_heads, head_dim, block_size, torch.float32, 7)
+    q = torch.randn(len(seq_lens), heads, head_dim, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125, num_splits=num_splits)
+    unsplit = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125, num_splits=1)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.125)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, unsplit, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_decode_handles_head_dims_that_are_not_powers_of_two(head_dim):
+    seq_lens = context_lengths(16)
+    k_cache, v_cache, tables, _, _ = paged_setup(seq_lens, 2, head_dim, 16, torch.float32, 3)
+    q = torch.randn(len(seq_lens), 8, head_dim, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    for splits in (1, 2):
+        out = paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim**-0.5, num_splits=splits)
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_split_heuristic_only_splits_long_contexts_on_idle_devices():
+    cpu = torch.device("cpu")
+    assert decode_num_splits(1, 8, 2048, 16, cpu) == 1  # nothing to fill on the interpreter
+    if DEVICE == "cuda":
+        dev = torch.device("cuda")
+        assert decode_num_splits(1, 8, 2048, 16, dev) > 1  # one long sequence: split it
+        assert decode_num_splits(1, 8, 8, 16, dev) == 1  # 128 tokens: too short to be worth it
+        assert decode_num_splits(256, 8, 2048, 16, dev) == 1  # the batch fills the device already
+
+
+@pytest.mark.parametrize("heads, kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_over_paged_context_matches_reference(heads, kv_heads, head_dim, block_size, dtype):
+    # (context incl. new tokens, new tokens): a fresh prompt, a chunk after cached blocks that starts
+    # mid-block, a single token, a long fresh prompt spanning several query tiles, a long chunk after a
+    # prefix-cache hit of exactly two blocks.
+    spans = [(5, 5), (2 * block_size + 3, 7), (40, 1), (3 * block_size + 9, 3 * block_size + 9),
+             (2 * block_size + 21, 21)]
+    seq_lens = [n for n, _ in spans]
+    k_cache, v_cache, tables, _, _ = paged_setup(seq_lens, kv_heads, head_dim, block_size, dtype, seed=1)
+    qsl = [0]
+    for _, q_len in spans:
+        qsl.append(qsl[-1] + q_len)
+    q = torch.randn(qsl[-1], heads, head_dim, device=DEVICE).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, lens, starts, scale)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, tables, lens, starts, scale)
+    tol = PREFILL_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("heads, kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fresh_varlen_prefill_matches_reference(heads, kv_heads, head_dim, dtype):
+    lens = [3, 17, 1, 40, 16]
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    g = torch.Generator().manual_seed(head_dim + heads)
+    q = torch.randn(starts[-1], heads, head_dim, generator=g).to(dtype).to(DEVICE)
+    # A non-contiguous key/value, as the model's split of the packed qkv projection produces.
+    kv = torch.randn(starts[-1], 2 * kv_heads, head_dim, generator=g).to(dtype).to(DEVICE)
+    k, v = kv[:, :kv_heads], kv[:, kv_heads:]
+    qsl = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    out = varlen_causal_attention(q, k, v, qsl, head_dim**-0.5)
+    ref = varlen_causal_attention_ref(q, k, v, qsl, head_dim**-0.5)
+    tol = PREFILL_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_decode_and_prefill_agree_with_dense_attention_written_out():
+    """Independent of the references: both kernels against softmax(q k^T) v in fp64, longhand."""
+    heads, kv_heads, head_dim, block_size = 8, 2, 64, 16
+    seq_lens = [1, 16, 37]
+    k_cache, v_cache, tables, keys, values = paged_setup(seq_lens, kv_heads, head_dim, block_size,
+                                                         torch.float32, 11)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(len(seq_lens), heads, head_dim, device=DEVICE)
+    dec = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125, num_splits=2).cpu().double()
+    starts = torch.tensor([0, 1, 5, 8], dtype=torch.int32, device=DEVICE)  # last 1, 4, 3 tokens are new
+    qp = torch.randn(8, heads, head_dim, device=DEVICE)
+    pre = paged_prefill_attention(qp, k_cache, v_cache, tables, lens, starts, 0.125).cpu().double()
+    for i, n in enumerate(seq_lens):
+        k = keys[i].double().repeat_interleave(heads // kv_heads, dim=1)  # [n, H, D]
+        v = values[i].double().repeat_interleave(heads // kv_heads, dim=1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[i].cpu().double(), k) * 0.125, dim=-1)
+        torch.testing.assert_close(dec[i], torch.einsum("hn,nhd->hd", w, v), atol=1e-5, rtol=1e-5)
+        s, e = int(starts[i]), int(starts[i + 1])
+        for j in range(e - s):
+            pos = n - (e - s) + j
+            w = torch.softmax(torch.einsum("hd,nhd->hn", qp[s + j].cpu().double(), k[: pos + 1]) * 0.125, -1)
+            torch.testing.assert_close(pre[s + j], torch.einsum("hn,nhd->hd", w, v[: pos + 1]),
+                                       atol=1e-5, rtol=1e-5)
