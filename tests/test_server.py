@@ -247,3 +247,30 @@ def test_the_operator_reads_this_engines_metrics(server):
     facts = sample.facts
     assert facts is not None and facts.block_size == 16 and facts.max_model_len == 512
     assert facts.num_gpu_blocks > 0 and facts.model_name == MODEL and facts.model_load_seconds > 0
+
+
+def test_a_full_waiting_queue_answers_503_with_retry_after(tiny_llama):
+    proc = ServerProcess([str(tiny_llama), "--dtype", "float32", "--served-model-name", "tiny",
+                          "--max-num-seqs", "1", "--max-queue-len", "1"]).wait_ready()
+    url = f"{proc.base}/v1/completions"
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 300, "ignore_eos": True}
+    statuses: list[int] = []
+    try:
+        # One request runs (max_num_seqs 1), a second waits: the queue is then full.
+        workers = [threading.Thread(target=lambda: statuses.append(httpx.post(url, json=body, timeout=120).status_code))
+                   for _ in range(2)]
+        for w in workers:
+            w.start()
+            time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while _metrics(proc)["vllm:num_requests_waiting"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        late = httpx.post(url, json={**body, "max_tokens": 2})
+        assert late.status_code == 503 and late.headers["retry-after"]
+        assert late.json()["error"]["code"] == "queue_full"
+        for w in workers:
+            w.join(timeout=120)
+        assert statuses == [200, 200]  # the admitted requests were served
+        assert httpx.post(url, json={**body, "max_tokens": 2}).status_code == 200  # room again
+    finally:
+        assert proc.stop() == 0
