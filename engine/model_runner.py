@@ -46,7 +46,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.backend = select_backend(device)
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, device)
         self.kv_cache: torch.Tensor | None = None
         self.host_cache: torch.Tensor | None = None  # swap space, same layout, in host memory
         self.num_blocks = 0
