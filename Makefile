@@ -12,7 +12,7 @@ export PIP_FIND_LINKS ?= $(abspath ../shared/wheels)
 export PIP_CONSTRAINT ?= $(abspath ../shared/wheels/constraints.txt)
 endif
 
-.PHONY: serve test install clean
+.PHONY: serve test install clean controlplane
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/flotilla serve --host 127.0.0.1 --port 8000
 
-test: $(STAMP)
+# etcd, kube-apiserver and kube-controller-manager for tests/test_controlplane_*.py, built once per machine
+# from the Go module proxy into ~/.cache/flotilla/controlplane (a no-op when they are there).
+controlplane:
+	bash e2e/controlplane/build.sh
+
+test: $(STAMP) controlplane
 	$(PY) -m pytest -q
 
 clean:

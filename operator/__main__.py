@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 
 
@@ -20,6 +21,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peering", default="flotilla",
                    help="kopf peering name; replicas with the same name elect one active operator")
     p.add_argument("--standalone", action="store_true", help="no peering (one replica only, or local runs)")
+    # kopf pauses *every* peer when two share a priority, so equal priorities mean no replica acts;
+    # a random one per process makes the highest active and the others stand by until it goes.
+    p.add_argument("--priority", type=int, default=None,
+                   help="kopf peering priority (highest live replica acts); default: random per process")
     p.add_argument("--liveness-port", type=int, default=8080, help="serves /healthz for the liveness probe")
     p.add_argument("--metrics-port", type=int, default=9090, help="serves the operator's own /metrics")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=args.namespace,
         standalone=args.standalone,
         peering_name=None if args.standalone else args.peering,
+        priority=args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1),
         liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz",
     )
     return 0

@@ -6,6 +6,7 @@ Objects go in and come out as plain dicts, so nothing above this module sees cli
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, Mapping, Protocol
 
 from flotilla.operator.render import GROUP, VERSION
@@ -82,12 +83,16 @@ class KubeCluster:
         self._core = kubernetes.client.CoreV1Api(self._api)
         self._custom = kubernetes.client.CustomObjectsApi(self._api)
         self._dynamic = DynamicClient(self._api)
+        self._discovery_lock = threading.Lock()
 
     def _resource(self, api_version: str, kind: str) -> Any:
         from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
         try:
-            return self._dynamic.resources.get(api_version=api_version, kind=kind)
+            # The dynamic client's discovery cache is not thread-safe (a miss, such as an uninstalled
+            # KEDA, rebuilds it in place), and kopf runs sync handlers on a thread pool.
+            with self._discovery_lock:
+                return self._dynamic.resources.get(api_version=api_version, kind=kind)
         except ResourceNotFoundError:
             raise KindNotInstalled(f"the cluster does not serve {kind} ({api_version})") from None
 

@@ -17,7 +17,7 @@ from flotilla.operator.cluster import RBAC_RULES
 from operator_fixtures.oracle import ROOT, k8s_errors, load_yaml_docs
 
 MANIFESTS = ROOT / "manifests"
-NOT_IN_K8S_SCHEMAS = {"ServiceMonitor", "PrometheusRule", "InferenceService", "Kustomization"}
+NOT_IN_K8S_SCHEMAS = {"ServiceMonitor", "PrometheusRule", "InferenceService", "Kustomization", "ClusterKopfPeering"}
 
 
 def kustomize(directory: Path) -> list[dict]:
@@ -56,6 +56,10 @@ def test_one_kustomization_installs_the_whole_operator():
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in kustomize(MANIFESTS))
     assert ("CustomResourceDefinition", "inferenceservices.flotilla.dev") in kinds
     assert ("CustomResourceDefinition", "kopfpeerings.kopf.dev") in kinds
+    # the replicas' --peering name must exist as a cluster-wide peering object, or they never meet
+    peering = next(a for a in _by_kind("Deployment", "flotilla-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
+                   if a.startswith("--peering="))
+    assert ("ClusterKopfPeering", peering.split("=", 1)[1]) in kinds
     for kind in ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"):
         assert any(k == kind for k, _ in kinds), kind
     kustomize(MANIFESTS / "samples")

@@ -1,0 +1,438 @@
+"""The operator against a real kube-apiserver + kube-controller-manager + etcd (tests/controlplane.py):
+the CRD as the API server sees it (schema, CEL, defaults), and the real operator process reconciling,
+repairing, scaling, surviving restarts and being garbage-collected. No nodes: pods stay Pending, which is
+all the children need."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from controlplane import ControlPlane, die_with_parent, control_plane, free_port  # noqa: F401  (fixture)
+from flotilla.operator.render import GROUP, VERSION, render_children
+from flotilla.operator.spec import parse_service
+from operator_fixtures.oracle import admit
+from test_operator_crd import INVALID, VALID_EDGES, minimal, sample_services
+
+pytestmark = pytest.mark.controlplane
+
+PLURAL = "inferenceservices"
+NS = "flotilla-it"
+IMAGE = "registry.local/engine:it"
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll until `check()` returns something truthy; return it."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as e:  # noqa: BLE001  (an object not there yet reads as 'not yet')
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+# --- clients ----------------------------------------------------------------------------------------
+
+class Kube:
+    """The few calls the tests make, on the official client, returning plain dicts."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        import kubernetes
+
+        self.client = cp.api_client()
+        self.k = kubernetes.client
+        self.core = kubernetes.client.CoreV1Api(self.client)
+        self.apps = kubernetes.client.AppsV1Api(self.client)
+        self.policy = kubernetes.client.PolicyV1Api(self.client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.client)
+        self.ext = kubernetes.client.ApiextensionsV1Api(self.client)
+        self.ApiException = kubernetes.client.exceptions.ApiException
+
+    def plain(self, obj: Any) -> dict[str, Any]:
+        return self.client.sanitize_for_serialization(obj)
+
+    def create_isvc(self, body: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        ns = body["metadata"].get("namespace", NS)
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body,
+                                                           dry_run="All" if dry_run else None)
+
+    def isvc(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
+
+    def patch_isvc(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name, patch)
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        return self.plain(self.apps.read_namespaced_deployment(name, NS))
+
+    def exists(self, read: Callable[..., Any], name: str) -> bool:
+        try:
+            read(name, NS)
+            return True
+        except self.ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane: ControlPlane) -> Kube:  # noqa: F811
+    kube = Kube(control_plane)
+    try:
+        kube.core.create_namespace({"metadata": {"name": NS}})
+    except kube.ApiException as e:
+        if e.status != 409:
+            raise
+    return kube
+
+
+class Operator:
+    """`python -m flotilla.operator` as its own process, pointed at the test control plane."""
+
+    started: list["Operator"] = []
+
+    def __init__(self, cp: ControlPlane, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.cp, self.extra, self.env = cp, extra, env or {}
+        self.proc: subprocess.Popen | None = None
+        Operator.started.append(self)
+        self.log_path = Path(tempfile.mkstemp(prefix="flotilla-operator-", suffix=".log")[1])
+
+    def start(self) -> "Operator":
+        env = dict(os.environ, KUBECONFIG=str(self.cp.kubeconfig), FLOTILLA_ENGINE_IMAGE=IMAGE,
+                   FLOTILLA_SCRAPE_INTERVAL_SECONDS="3", FLOTILLA_SCRAPE_TIMEOUT_SECONDS="1", **self.env)
+        for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+            env.pop(var, None)  # never mistake the test machine for a pod
+        log = open(self.log_path, "ab")
+        # cwd outside the repo: its top-level operator/ and flotilla/ must not shadow the installed package.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flotilla.operator", "--namespace", NS, "--liveness-port", str(free_port()),
+             "--metrics-port", str(free_port()), *self.extra],
+            env=env, cwd=tempfile.gettempdir(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent)
+        log.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane: ControlPlane, kube: Kube):  # noqa: F811
+    op = Operator(control_plane, "--standalone").start()
+    yield op
+    op.stop()
+    if not os.environ.get("FLOTILLA_KEEP_OPERATOR_LOG"):
+        for started in Operator.started:
+            started.log_path.unlink(missing_ok=True)
+
+
+def cpu_service(name: str, replicas: int = 2, **engine: Any) -> dict[str, Any]:
+    """The CPU sample under another name: no GPUs, so the fit check needs no nodes."""
+    body = copy.deepcopy(next(b for n, b in sample_services() if n == "smollm2-cpu.yaml"))
+    body["metadata"] = {"name": name, "namespace": NS}
+    body["spec"]["replicas"] = replicas
+    body["spec"]["engine"].update(engine)
+    return body
+
+
+def owned_by(obj: dict[str, Any], isvc: dict[str, Any]) -> bool:
+    refs = obj["metadata"].get("ownerReferences") or []
+    return any(r["uid"] == isvc["metadata"]["uid"] and r["kind"] == "InferenceService" and r.get("controller")
+               and r.get("blockOwnerDeletion") for r in refs)
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def flag(deployment: dict[str, Any], name: str) -> str:
+    args = container(deployment)["args"]
+    return args[args.index(name) + 1]
+
+
+def reconciled(kube: Kube, name: str) -> dict[str, Any]:
+    """The InferenceService once the operator has written status for its current generation."""
+    def check():
+        obj = kube.isvc(name)
+        st = obj.get("status") or {}
+        return obj if st.get("observedGeneration") == obj["metadata"]["generation"] else None
+    return wait_for(check, what=f"{name} status.observedGeneration == generation")
+
+
+# --- the CRD as the API server sees it -------------------------------------------------------------
+
+def test_the_crd_is_established_with_status_and_scale_subresources(kube):
+    crd = kube.plain(kube.ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}"))
+    conds = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert conds.get("Established") == "True" and conds.get("NamesAccepted") == "True"
+    assert "NonStructuralSchema" not in conds
+    assert crd["status"]["acceptedNames"]["shortNames"] == ["isvc", "fis"]
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    # And the peering CRDs kopf needs are served too.
+    kube.ext.read_custom_resource_definition("kopfpeerings.kopf.dev")
+
+
+@pytest.mark.parametrize("name,body", sample_services(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_sample_is_accepted_by_the_api_server(kube, name, body):
+    body = copy.deepcopy(body)
+    body["metadata"]["namespace"] = NS
+    stored = kube.create_isvc(body, dry_run=True)
+    parse_service(stored)
+
+
+@pytest.mark.parametrize("label,spec", VALID_EDGES, ids=[v[0] for v in VALID_EDGES])
+def test_edge_values_are_accepted_by_the_api_server(kube, label, spec):
+    body = minimal(**copy.deepcopy(spec))
+    body["metadata"]["namespace"] = NS
+    kube.create_isvc(body, dry_run=True)
+
+
+@pytest.mark.parametrize("label,mutate,expected", INVALID, ids=[i[0] for i in INVALID])
+def test_invalid_specs_are_rejected_by_the_api_server_with_our_messages(kube, label, mutate, expected):
+    body = minimal()
+    body["metadata"]["namespace"] = NS
+    mutate(body)
+    with pytest.raises(kube.ApiException) as raised:
+        kube.create_isvc(body, dry_run=True)
+    assert raised.value.status == 422, raised.value.body
+    message = json.loads(raised.value.body)["message"]
+    assert expected in message, message
+
+
+def test_schema_defaults_are_applied_by_the_api_server_as_the_offline_oracle_predicts(kube):
+    body = minimal()
+    body["metadata"]["namespace"] = NS
+    stored = kube.create_isvc(body, dry_run=True)
+    predicted, errors = admit(minimal())
+    assert errors == []
+    assert stored["spec"] == predicted["spec"]
+    assert stored["spec"]["replicas"] == 1 and stored["spec"]["autoscaling"]["mode"] == "builtin"
+
+
+# --- the operator reconciling ----------------------------------------------------------------------
+
+def test_create_makes_deployment_service_and_pdb_owned_by_the_service(kube, operator):
+    kube.create_isvc(cpu_service("create"))
+    isvc = reconciled(kube, "create")
+    dep = wait_for(lambda: kube.deployment("create"), what="Deployment")
+    svc = kube.plain(kube.core.read_namespaced_service("create", NS))
+    pdb = kube.plain(wait_for(lambda: kube.policy.read_namespaced_pod_disruption_budget("create", NS),
+                              what="PodDisruptionBudget"))
+    for child in (dep, svc, pdb):
+        assert owned_by(child, isvc), child["metadata"]
+
+    # The fields the render tests promise, as the API server stored them.
+    children = render_children(parse_service(isvc, IMAGE), isvc["spec"]["model"]["config"])
+    rendered = {o["kind"]: o for o in children.objects}
+    want = rendered["Deployment"]
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["selector"] == want["spec"]["selector"]
+    assert dep["spec"]["strategy"] == want["spec"]["strategy"]
+    assert container(dep)["image"] == IMAGE
+    assert container(dep)["args"] == container(want)["args"]
+    assert container(dep)["resources"] == container(want)["resources"]
+    assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert svc["spec"]["selector"] == rendered["Service"]["spec"]["selector"]
+    assert svc["spec"]["ports"][0]["port"] == rendered["Service"]["spec"]["ports"][0]["port"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+    # The controller manager runs the Deployment: a ReplicaSet, and (Pending, nodeless) pods.
+    wait_for(lambda: kube.deployment("create").get("status", {}).get("replicas") == 2, what="2 pods")
+    st = isvc["status"]
+    assert st["endpoint"] and st["selector"]
+    assert {c["type"] for c in st["conditions"]} >= {"Ready", "Progressing"}
+
+
+def test_a_spec_change_updates_the_deployment_and_observed_generation(kube, operator):
+    kube.create_isvc(cpu_service("change"))
+    before = reconciled(kube, "change")
+    assert flag(kube.deployment("change"), "--max-num-seqs") == "16"
+    kube.patch_isvc("change", {"spec": {"engine": {"maxNumSeqs": 7}}})
+    after = reconciled(kube, "change")
+    assert after["metadata"]["generation"] == before["metadata"]["generation"] + 1
+    wait_for(lambda: flag(kube.deployment("change"), "--max-num-seqs") == "7",
+             what="Deployment args with --max-num-seqs 7")
+    # The Deployment controller sees the new template: a new generation, observed.
+    def observed() -> bool:
+        d = kube.deployment("change")
+        return d["status"].get("observedGeneration") == d["metadata"]["generation"]
+    wait_for(observed, what="Deployment observedGeneration")
+    # Conditions follow: every one for the new generation; pods exist but (nodeless) never get ready, so
+    # the fleet is progressing and loading, not ready.
+    def conditions() -> dict[str, dict[str, Any]] | None:
+        conds = {c["type"]: c for c in kube.isvc("change")["status"]["conditions"]}
+        return conds if conds["Ready"]["reason"] == "ModelLoading" else None
+    conds = wait_for(conditions, what="Ready=False/ModelLoading")
+    assert {c["observedGeneration"] for c in conds.values()} == {after["metadata"]["generation"]}
+    assert conds["Ready"]["status"] == "False"
+    assert (conds["Progressing"]["status"], conds["Progressing"]["reason"]) in {
+        ("True", "RollingOut"), ("True", "ScalingUp")}
+    assert conds["Degraded"]["status"] == "False"
+
+
+def test_a_deleted_child_is_recreated(kube, operator):
+    kube.create_isvc(cpu_service("deleted"))
+    reconciled(kube, "deleted")
+    old_dep = wait_for(lambda: kube.deployment("deleted"), what="Deployment")
+    wait_for(lambda: kube.exists(kube.core.read_namespaced_service, "deleted"), what="Service")
+    kube.apps.delete_namespaced_deployment("deleted", NS)
+    kube.core.delete_namespaced_service("deleted", NS)
+    wait_for(lambda: kube.deployment("deleted")["metadata"]["uid"] != old_dep["metadata"]["uid"],
+             what="a new Deployment")
+    wait_for(lambda: kube.exists(kube.core.read_namespaced_service, "deleted"), what="a new Service")
+
+
+def test_a_hand_edit_is_repaired_but_another_managers_field_is_left_alone(kube, operator):
+    kube.create_isvc(cpu_service("edited"))
+    reconciled(kube, "edited")
+    wait_for(lambda: kube.deployment("edited"), what="Deployment")
+    # Someone edits a field the operator owns, and adds one the operator does not render.
+    kube.apps.patch_namespaced_deployment("edited", NS, {
+        "metadata": {"annotations": {"team.example/owner": "search"}},
+        "spec": {"template": {"spec": {"containers": [{"name": "engine", "image": "evil:latest"}]}}}},
+        field_manager="kubectl-edit")
+    dep = wait_for(lambda: (d := kube.deployment("edited")) and container(d)["image"] == IMAGE and d,
+                   what="the image repaired")
+    assert dep["metadata"]["annotations"]["team.example/owner"] == "search"
+    managers = {m["manager"]: m for m in dep["metadata"]["managedFields"]}
+    assert "flotilla" in managers and managers["flotilla"]["operation"] == "Apply"
+    assert "kubectl-edit" in managers  # still owns its annotation
+
+
+def test_the_scale_subresource_reaches_the_deployment_and_the_pdb_follows(kube, operator):
+    kube.create_isvc(cpu_service("scaled", replicas=2))
+    reconciled(kube, "scaled")
+    wait_for(lambda: kube.exists(kube.policy.read_namespaced_pod_disruption_budget, "scaled"), what="PDB")
+    # What `kubectl scale` and the builtin autoscaler (KubeCluster.scale) both do.
+    kube.custom.patch_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "scaled", {"spec": {"replicas": 3}})
+    wait_for(lambda: kube.deployment("scaled")["spec"]["replicas"] == 3, what="Deployment replicas 3")
+    scale = kube.custom.get_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "scaled")
+    assert scale["spec"]["replicas"] == 3
+    wait_for(lambda: kube.custom.get_namespaced_custom_object_scale(
+        GROUP, VERSION, NS, PLURAL, "scaled")["status"].get("selector"), what="scale status selector")
+    # A few reconciles later (timer every 3 s) nobody has put it back.
+    time.sleep(4)
+    assert kube.deployment("scaled")["spec"]["replicas"] == 3
+    assert kube.isvc("scaled")["spec"]["replicas"] == 3
+    # One replica needs no PDB: it is deleted.
+    kube.custom.patch_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "scaled", {"spec": {"replicas": 1}})
+    wait_for(lambda: not kube.exists(kube.policy.read_namespaced_pod_disruption_budget, "scaled"),
+             what="PDB deleted at 1 replica")
+    assert kube.deployment("scaled")["spec"]["replicas"] == 1
+
+
+def test_deleting_the_service_garbage_collects_every_child(kube, operator):
+    kube.create_isvc(cpu_service("doomed", replicas=2))
+    reconciled(kube, "doomed")
+    wait_for(lambda: kube.exists(kube.policy.read_namespaced_pod_disruption_budget, "doomed"), what="PDB")
+    wait_for(lambda: kube.deployment("doomed")["status"].get("replicas") == 2, what="pods")
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "doomed")
+
+    def gone() -> bool:
+        pods = kube.core.list_namespaced_pod(NS, label_selector="app.kubernetes.io/instance=doomed").items
+        return not (kube.exists(kube.apps.read_namespaced_deployment, "doomed")
+                    or kube.exists(kube.core.read_namespaced_service, "doomed")
+                    or kube.exists(kube.policy.read_namespaced_pod_disruption_budget, "doomed")
+                    or pods)
+    wait_for(gone, timeout=60, what="every child garbage-collected")
+
+
+def test_an_operator_restart_loses_nothing(kube, operator):
+    kube.create_isvc(cpu_service("restart"))
+    kube.create_isvc(cpu_service("restart-quiet"))
+    reconciled(kube, "restart")
+    reconciled(kube, "restart-quiet")
+    wait_for(lambda: kube.exists(kube.core.read_namespaced_service, "restart-quiet"), what="Service")
+    operator.stop()
+    try:
+        # While it is down: a spec change, deleted children (one of a service whose spec did not change,
+        # so only resuming can notice), and a brand-new service.
+        kube.patch_isvc("restart", {"spec": {"engine": {"maxNumSeqs": 5}}})
+        kube.core.delete_namespaced_service("restart", NS)
+        kube.core.delete_namespaced_service("restart-quiet", NS)
+        kube.create_isvc(cpu_service("born-while-down"))
+        time.sleep(1)
+        assert not kube.exists(kube.core.read_namespaced_service, "restart")
+    finally:
+        operator.start()
+    reconciled(kube, "restart")
+    wait_for(lambda: flag(kube.deployment("restart"), "--max-num-seqs") == "5", what="spec change applied")
+    wait_for(lambda: kube.exists(kube.core.read_namespaced_service, "restart"), what="Service recreated")
+    wait_for(lambda: kube.exists(kube.core.read_namespaced_service, "restart-quiet"), what="quiet Service recreated")
+    reconciled(kube, "born-while-down")
+    wait_for(lambda: kube.deployment("born-while-down"), what="Deployment of the new service")
+
+
+def _acted(op: Operator, since: int = 0) -> bool:
+    """Whether this operator process ran a spec handler after `since` (an offset into its own log)."""
+    return "Handler 'on_spec' succeeded" in op.log()[since:]
+
+
+def test_two_replicas_with_peering_only_one_acts(control_plane, kube, operator):  # noqa: F811
+    operator.stop()  # the standalone one would act regardless of peering
+    kube.custom.create_namespaced_custom_object("kopf.dev", "v1", NS, "kopfpeerings",
+                                                {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                                                 "metadata": {"name": "flotilla"}})
+    # POD_ID is kopf's peer identity (the pod name, in a cluster).
+    replicas = [Operator(control_plane, "--peering", "flotilla", env={"POD_ID": f"replica-{i}"}).start()
+                for i in range(2)]
+    try:
+        def peers() -> dict[str, Any]:
+            obj = kube.custom.get_namespaced_custom_object("kopf.dev", "v1", NS, "kopfpeerings", "flotilla")
+            status = obj.get("status") or {}
+            return status if len(status) == 2 else {}
+        status = wait_for(peers, what="both replicas in the peering object")
+        assert len({p["priority"] for p in status.values()}) == 2, status  # equal priorities pause both
+        highest = max(status, key=lambda identity: status[identity]["priority"])
+        time.sleep(2)  # each has seen the other: kopf pauses the lower one within moments
+        offsets = [len(op.log()) for op in replicas]
+        kube.create_isvc(cpu_service("peered"))
+        reconciled(kube, "peered")
+        time.sleep(2)  # a second, unpaused replica would have handled it by now too
+        acted = [op for op, since in zip(replicas, offsets) if _acted(op, since)]
+        assert len(acted) == 1, [op.log()[-2000:] for op in replicas]
+        assert acted[0].env["POD_ID"] == highest
+        # The active one stops: the standby takes over.
+        active = acted[0]
+        standby = next(op for op in replicas if op is not active)
+        since = len(standby.log())
+        active.stop()
+        kube.create_isvc(cpu_service("after-failover"))
+        reconciled(kube, "after-failover")
+        assert _acted(standby, since)
+    finally:
+        for op in replicas:
+            op.stop()
+        operator.start()
+
+
+def test_no_operator_handler_failed_with_an_exception():
+    """Every operator process this module ran: a handler that crashed is a bug even where a retry hid it."""
+    crashes = [line for op in Operator.started for line in op.log().splitlines()
+               if "failed with an exception" in line or "Traceback" in line]
+    assert crashes == []
