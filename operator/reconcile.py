@@ -73,34 +73,32 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
                                        previous, now, endpoint, selector))
         return out
 
+    def fail(svc: InferenceService | None, deployment: Mapping[str, Any] | None, reason: str, message: str,
+             permanent: bool, delay: int, event: bool = True) -> Outcome:
+        """Record why this reconciliation stopped: the kopf error, a Warning event, the status problem."""
+        out.error = (reason, message, permanent, delay)
+        if event:
+            out.events.append(Event("Warning", reason, message))
+        return finish(svc, deployment, (reason, message), svc.desired_replicas if svc else 0)
+
     try:
         svc = parse_service(body, settings.engine_image)
     except SpecError as e:
-        out.error = (e.reason, str(e), True, 0)
-        out.events.append(Event("Warning", e.reason, str(e)))
-        return finish(None, None, (e.reason, str(e)), 0)
+        return fail(None, None, e.reason, str(e), True, 0)
 
     try:
         config = _model_config(svc, cluster)
         gpu_memory = _gpu_memory(svc, cluster)
     except NotFound as e:
-        message = f"model config not found: {e}"
-        out.error = ("ConfigMissing", message, False, 30)
-        out.events.append(Event("Warning", "ConfigMissing", message))
-        return finish(svc, None, ("ConfigMissing", message), svc.desired_replicas)
+        return fail(svc, None, "ConfigMissing", f"model config not found: {e}", False, 30)
     except (ApiError, ValueError) as e:
-        message = f"cannot read model config or nodes: {e}"
-        out.error = ("ConfigUnreadable", message, False, 30)
-        return finish(svc, None, ("ConfigUnreadable", message), svc.desired_replicas)
+        return fail(svc, None, "ConfigUnreadable", f"cannot read model config or nodes: {e}", False, 30, event=False)
 
     report = fit.check_fit(svc, config, gpu_memory)
     out.status["fit"] = {"verdict": report.verdict, "message": report.message,
                          "requiredBytes": report.required_bytes, "availableBytes": report.available_bytes}
     if report.verdict == "DoesNotFit":
-        out.error = ("DoesNotFit", report.message, True, 0)
-        out.events.append(Event("Warning", "DoesNotFit", report.message))
-        return finish(svc, _current_deployment(svc, cluster), ("DoesNotFit", report.message),
-                      svc.desired_replicas)
+        return fail(svc, _current_deployment(svc, cluster), "DoesNotFit", report.message, True, 0)
     if report.verdict == "Tight":
         out.events.append(Event("Warning", "TightFit", report.message))
 
@@ -114,14 +112,10 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
         for api_version, kind in children.absent:
             cluster.delete(api_version, kind, svc.namespace, svc.name)
     except KindNotInstalled as e:
-        message = f"{e}; install it or choose another autoscaling.mode"
-        out.error = ("KindNotInstalled", message, False, 60)
-        out.events.append(Event("Warning", "KindNotInstalled", message))
-        return finish(svc, deployment, ("KindNotInstalled", message), svc.desired_replicas)
+        return fail(svc, deployment, "KindNotInstalled", f"{e}; install it or choose another autoscaling.mode",
+                    False, 60)
     except (ApiError, NotFound) as e:
-        out.error = ("ApplyFailed", str(e), getattr(e, "permanent", False), 15)
-        out.events.append(Event("Warning", "ApplyFailed", str(e)))
-        return finish(svc, deployment, ("ApplyFailed", str(e)), svc.desired_replicas)
+        return fail(svc, deployment, "ApplyFailed", str(e), getattr(e, "permanent", False), 15)
     return finish(svc, deployment, None, svc.desired_replicas)
 
 
