@@ -14,7 +14,7 @@ IMPLEMENTATIONS = ("torch", "triton")
 def triton_available() -> bool:
     """Triton imports (Linux wheels only) — on the CPU it can only run under ``TRITON_INTERPRET=1``."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (the import is the check)
     except ImportError:
         return False
     return True

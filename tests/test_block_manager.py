@@ -16,6 +16,15 @@ def _req(rid: str, tokens: list[int], max_tokens: int = 8, salt: str | None = No
     return Request(rid, tokens, SamplingParams(max_tokens=max_tokens), RequestMetrics(0.0), 4096, salt)
 
 
+def _computed(bm: BlockManager, rid: str, tokens: list[int], salt: str | None = None) -> Request:
+    """A request whose whole prompt has been computed and its full blocks named, as after a prefill step."""
+    r = _req(rid, tokens, salt=salt)
+    assert bm.allocate(r, len(tokens))
+    r.num_computed_tokens = len(tokens)
+    bm.cache_full_blocks(r)
+    return r
+
+
 def test_allocation_grows_on_demand_and_free_returns_every_block():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
     r = _req("a", list(range(10)))
@@ -56,10 +65,7 @@ def test_double_free_is_detected():
 
 def test_shared_prefix_reuses_blocks_with_reference_counts():
     bm = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=True)
-    a = _req("a", list(range(13)))
-    assert bm.allocate(a, 13)
-    a.num_computed_tokens = 13
-    bm.cache_full_blocks(a)  # three full blocks are now named
+    a = _computed(bm, "a", list(range(13)))  # three full blocks are now named
     b = _req("b", list(range(12)) + [500, 501])
     hits = bm.match_prefix(b)
     assert hits == a.block_ids[:3]
@@ -75,10 +81,7 @@ def test_shared_prefix_reuses_blocks_with_reference_counts():
 
 def test_a_fully_cached_prompt_still_computes_its_last_token():
     bm = BlockManager(num_blocks=10, block_size=4)
-    a = _req("a", list(range(8)))
-    bm.allocate(a, 8)
-    a.num_computed_tokens = 8
-    bm.cache_full_blocks(a)
+    a = _computed(bm, "a", list(range(8)))
     bm.free(a)
     b = _req("b", list(range(8)))
     assert len(bm.match_prefix(b)) == 1  # only the first block: the last token must run for logits
@@ -86,10 +89,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
 
 def test_freed_cached_blocks_are_reused_until_evicted_lru():
     bm = BlockManager(num_blocks=4, block_size=4)
-    a = _req("a", list(range(9)))
-    bm.allocate(a, 9)
-    a.num_computed_tokens = 9
-    bm.cache_full_blocks(a)
+    a = _computed(bm, "a", list(range(9)))
     bm.free(a)
     assert bm.num_free_blocks == 4
     assert len(bm.match_prefix(_req("x", list(range(9))))) == 2  # still cached while free
@@ -103,10 +103,7 @@ def test_freed_cached_blocks_are_reused_until_evicted_lru():
 
 def test_cache_salt_isolates_tenants():
     bm = BlockManager(num_blocks=8, block_size=4)
-    a = _req("a", list(range(9)), salt="tenant-a")
-    bm.allocate(a, 9)
-    a.num_computed_tokens = 9
-    bm.cache_full_blocks(a)
+    a = _computed(bm, "a", list(range(9)), salt="tenant-a")
     assert bm.match_prefix(_req("b", list(range(9)), salt="tenant-b")) == []
     assert bm.match_prefix(_req("c", list(range(9)))) == []
     assert len(bm.match_prefix(_req("d", list(range(9)), salt="tenant-a"))) == 2

@@ -16,14 +16,11 @@ Tolerances (absolute = relative), kernel vs reference:
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_cases import DEVICE, DTYPES  # noqa: E402  (first: it sets TRITON_INTERPRET)
 
 from flotilla.kernels.paged_attention import (  # noqa: E402
     paged_decode_attention_ref,
@@ -37,12 +34,6 @@ from flotilla.kernels.triton_paged_attention import (  # noqa: E402
     varlen_causal_attention,
 )
 
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16",
-                 marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA: the interpreter's bf16 is wrong")),
-]
 DECODE_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 PREFILL_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 

@@ -3,28 +3,19 @@ the results must be bit-identical (the only arithmetic is a cast to the cache dt
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_cases import DEVICE, DTYPES  # noqa: E402  (first: it sets TRITON_INTERPRET)
 
 from flotilla.kernels.kv_cache import copy_blocks_ref  # noqa: E402
 from flotilla.kernels.paged_attention import write_kv_cache_ref  # noqa: E402
 from flotilla.kernels.triton_cache import copy_blocks, write_kv_cache  # noqa: E402
 
-CACHE_DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16",
-                 marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA: the interpreter's bf16 is wrong")),
-]
 
 
-@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+@pytest.mark.parametrize("cache_dtype", DTYPES)
 @pytest.mark.parametrize("head_dim, block_size", [(64, 16), (128, 32), (96, 16)])
 def test_cache_write_is_bit_identical_to_reference(cache_dtype, head_dim, block_size):
     g = torch.Generator().manual_seed(head_dim)
@@ -54,7 +45,7 @@ def test_cache_write_into_per_layer_views_of_one_allocation():
     assert torch.equal(cache.cpu(), ref) and cache[0].eq(0).all()
 
 
-@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+@pytest.mark.parametrize("cache_dtype", DTYPES)
 def test_block_copy_is_bit_identical_to_reference(cache_dtype):
     g = torch.Generator().manual_seed(0)
     # Per-layer views of one [layers, 2, blocks, kv_heads, block_size, head_dim] allocation.

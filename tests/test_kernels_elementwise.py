@@ -8,14 +8,11 @@ reference's result is stored: about one fp16 ulp); bf16 on CUDA only, 2e-2.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_cases import DEVICE, DTYPES  # noqa: E402  (first: it sets TRITON_INTERPRET)
 
 from flotilla.engine.layers.rotary import rope_inv_freq  # noqa: E402
 from flotilla.kernels import elementwise  # noqa: E402
@@ -27,12 +24,6 @@ from flotilla.kernels.elementwise import (  # noqa: E402
 )
 from flotilla.kernels.triton_elementwise import rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
 
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16",
-                 marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs CUDA: the interpreter's bf16 is wrong")),
-]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 

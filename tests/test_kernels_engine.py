@@ -4,14 +4,10 @@ chunked prefill over cached context, prefix-cache hits, and batched decode."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import kernel_cases  # noqa: E402,F401  (first: it sets TRITON_INTERPRET)
 
 from flotilla.engine import LLM, SamplingParams  # noqa: E402
 from flotilla.engine.attention import BACKEND_ENV, TorchReferenceBackend, TritonBackend, select_backend  # noqa: E402

@@ -208,7 +208,6 @@ def test_disconnected_streams_free_their_blocks(server):
         time.sleep(0.1)
     assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
     assert m["vllm:kv_cache_usage_perc"] == 0.0  # every block back in the pool
-    assert m["vllm:request_success_total{length}"] >= 0
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(tiny_llama):
