@@ -3,6 +3,10 @@
 The event loop never runs model code. Requests are validated on the caller's side (so errors raise in
 the caller), handed to the engine thread through a queue, and outputs come back to per-request asyncio
 queues. Cancelling the consumer of ``generate`` aborts the request and frees its blocks.
+
+Failures come in two sizes. A request whose own processing raised is stopped by the engine and its consumer
+gets ``RequestFailedError``; everything else goes on. If the loop itself fails, every consumer gets
+``EngineDeadError``, ``errored`` is set, and ``on_dead`` runs once so the process can exit and be restarted.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from flotilla.engine.config import EngineArgs
+from flotilla.engine.errors import EngineDeadError, QueueFullError, RequestFailedError
 from flotilla.engine.llm_engine import LLMEngine, PromptType
 from flotilla.engine.outputs import RequestOutput
 from flotilla.engine.sampling_params import SamplingParams
@@ -22,11 +27,18 @@ logger = logging.getLogger(__name__)
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    """``max_queue_len`` bounds the sequences waiting to be scheduled; the check and the queueing happen
+    under one lock, so a burst of arrivals cannot all pass the check before any of them is counted."""
+
+    def __init__(self, engine: LLMEngine, max_queue_len: int | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        self.max_queue_len = max_queue_len
+        self.on_dead = on_dead
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
+        self._queued_sequences = 0  # sequences handed to the engine thread, not yet in the scheduler
         self._wake = threading.Event()
         self._stopped = False
         self.errored: BaseException | None = None
@@ -40,25 +52,37 @@ class AsyncLLMEngine:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def num_waiting(self) -> int:
+        """Sequences waiting to be scheduled, including those not yet handed to the scheduler."""
+        return len(self.engine.scheduler.waiting) + self._queued_sequences
+
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield cumulative ``RequestOutput``s until the request finishes. Raises ``ValueError`` for bad
-        input before anything is queued."""
-        if self.errored is not None:
-            raise RuntimeError("engine loop has died") from self.errored
+        input and ``QueueFullError`` when the queue is full, before anything is queued."""
+        self._raise_if_dead()
         parent = self.engine.make_requests(request_id, prompt, sampling_params, cache_salt=cache_salt)
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            self._raise_if_dead()  # under the lock: a loop dying now will deliver to this stream
             if request_id in self._streams:
                 raise ValueError(f"request_id: {request_id!r} is already in use")
+            limit = self.max_queue_len
+            if limit is not None and self.num_waiting() >= limit:
+                raise QueueFullError(limit)
+            self._queued_sequences += len(parent.children)
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send("add", parent)
+            self._send("add", parent)
         finished = False
         try:
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine has let go of it already
                     raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(request_id, item.error)
                 finished = item.finished
                 yield item
                 if finished:
@@ -80,6 +104,10 @@ class AsyncLLMEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    def _raise_if_dead(self) -> None:
+        if self.errored is not None:
+            raise EngineDeadError(f"the engine loop has died: {self.errored}") from self.errored
+
     # ---- engine thread ------------------------------------------------------------------------------
 
     def _send(self, kind: str, payload: Any) -> None:
@@ -93,19 +121,24 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                try:
-                    self.engine.enqueue(payload)
-                except ValueError as e:
-                    self._deliver(payload.request_id, e)
+                with self._lock:
+                    self._queued_sequences -= len(payload.children)
+                    try:
+                        self.engine.enqueue(payload)
+                    except Exception as e:  # this request's fault (a duplicate id): tell it, keep going
+                        self._deliver(payload.request_id, e if isinstance(e, ValueError) else
+                                      RequestFailedError(payload.request_id, f"{type(e).__name__}: {e}"))
             else:
                 self.engine.abort_request(payload)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        with self._lock:
-            target = self._streams.get(request_id)
+        target = self._streams.get(request_id)
         if target is not None:
             loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, item)
+            except RuntimeError:  # that caller's event loop has closed; nobody is listening
+                pass
 
     def _loop(self) -> None:
         try:
@@ -116,11 +149,13 @@ class AsyncLLMEngine:
                     self._wake.clear()
                     continue
                 for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                    with self._lock:
+                        self._deliver(out.request_id, out)
         except BaseException as e:  # surface to every waiting caller rather than hanging them
-            logger.exception("engine loop failed")
-            self.errored = e
+            logger.exception("engine loop failed; this engine serves nothing more")
             with self._lock:
-                ids = list(self._streams)
-            for rid in ids:
-                self._deliver(rid, RuntimeError(f"engine loop failed: {e}"))
+                self.errored = e
+                for rid in list(self._streams):
+                    self._deliver(rid, EngineDeadError(f"the engine loop has died: {type(e).__name__}: {e}"))
+            if self.on_dead is not None:
+                self.on_dead(e)

@@ -50,6 +50,7 @@ class EngineStats:
     prompt_tokens: int  # vllm:prompt_tokens_total (prompt tokens of requests that produced output)
     generation_tokens: int  # vllm:generation_tokens_total
     computed_prompt_tokens: int  # prompt positions actually run through the model (cache hits skip them)
+    request_errors: int  # flotilla:request_errors_total: requests stopped because their own processing raised
 
 
 @dataclass
@@ -62,6 +63,7 @@ class _Parent:
     children: list[Request]
     detokenizers: list[IncrementalDetokenizer | None]
     metrics: RequestMetrics
+    error: str | None = None  # why the engine stopped it, when its own processing raised
 
     @property
     def finished(self) -> bool:
@@ -122,6 +124,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.computed_prompt_tokens = 0
+        self.request_errors_total = 0
         self.model_load_seconds = time.perf_counter() - t0
         logger.info(
             "engine ready: model %s, %s on %s, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d, load %.1fs",
@@ -168,7 +171,8 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len "
                              f"({self.max_model_len})")
-        params = params.with_eos(self.eos_token_ids)
+        params = params.bind(self.eos_token_ids, self._bad_words_token_ids(params.bad_words))
+        params.check_token_ids(vocab)
         metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         children = []
         for i in range(params.n):
@@ -189,6 +193,16 @@ class LLMEngine:
             for _ in children
         ]
         return _Parent(request_id, text, token_ids, children, detoks, metrics)
+
+    def _bad_words_token_ids(self, words: list[str] | None) -> list[list[int]]:
+        """Each bad word as it tokenizes alone and after a space (mid-sentence), as vLLM bans them."""
+        seqs: list[list[int]] = []
+        for word in words or ():
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return seqs
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -257,11 +271,17 @@ class LLMEngine:
         changed: dict[str, _Parent] = {}
         for s in sched.scheduled:
             r = s.request
+            if r.status.finished:  # a sibling's failure stopped it earlier in this loop
+                continue
+            parent, _ = self._children[r.request_id]
+            if r.request_id in result.failed:
+                self._fail(parent, result.failed[r.request_id])
+                changed[parent.request_id] = parent
+                continue
             start = r.num_computed_tokens
             self.computed_prompt_tokens += max(min(start + s.num_new_tokens, r.num_prompt_tokens) - start, 0)
             r.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(r)
-            parent, _ = self._children[r.request_id]
             lps = result.prompt_logprobs.get(r.request_id)
             if lps is not None:
                 if r.prompt_logprobs is None:
@@ -271,7 +291,11 @@ class LLMEngine:
             token = result.sampled.get(r.request_id)
             if token is None:
                 continue
-            self._append(parent, r, token, result.logprobs.get(r.request_id), now)
+            try:
+                self._append(parent, r, token, result.logprobs.get(r.request_id), now)
+            except Exception as e:  # detokenizing or stop checks of this request: stop it, keep the batch
+                logger.exception("request %s: output processing failed", parent.request_id)
+                self._fail(parent, f"{type(e).__name__}: {e}")
             changed[parent.request_id] = parent
         outputs = []
         for parent in changed.values():
@@ -307,6 +331,16 @@ class LLMEngine:
         elif r.num_tokens >= r.max_total_tokens:
             self._finish(r, RequestStatus.FINISHED_LENGTH)
 
+    def _fail(self, parent: _Parent, reason: str) -> None:
+        """Stop every sequence of a request whose own processing raised and free their blocks; the
+        request's output carries the reason and finish_reason "error"."""
+        if parent.error is None:
+            self.request_errors_total += 1
+            parent.error = reason
+        for child in parent.children:
+            if not child.status.finished:
+                self._finish(child, RequestStatus.FINISHED_ERROR)
+
     def _finish(self, r: Request, status: RequestStatus) -> None:
         self.scheduler.finish(r, status)
         r.metrics.finished_time = time.time()
@@ -339,6 +373,7 @@ class LLMEngine:
             finished=finished,
             metrics=parent.metrics,
             num_cached_tokens=parent.metrics.num_cached_tokens,
+            error=parent.error,
         )
 
     # ---- introspection ------------------------------------------------------------------------------
@@ -356,6 +391,7 @@ class LLMEngine:
             prompt_tokens=self.prompt_tokens_total,
             generation_tokens=self.generation_tokens_total,
             computed_prompt_tokens=self.computed_prompt_tokens,
+            request_errors=self.request_errors_total,
         )
 
     def kv_token_utilization(self) -> float:

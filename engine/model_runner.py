@@ -27,6 +27,8 @@ class ModelRunnerOutput:
     logprobs: dict[str, LogprobDict] = field(default_factory=dict)
     # request id -> prompt logprobs for the positions computed this step, in order
     prompt_logprobs: dict[str, list[LogprobDict]] = field(default_factory=dict)
+    # request id -> why its own processing failed this step (the engine stops it; the batch goes on)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def kv_bytes_per_block(config: Any, block_size: int, dtype: torch.dtype) -> int:
@@ -183,7 +185,11 @@ class ModelRunner:
         for s in batch:
             r = s.request
             if r.sampling_params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens:
-                out.prompt_logprobs[r.request_id] = self._prompt_logprobs(hidden, offset, s)
+                try:
+                    out.prompt_logprobs[r.request_id] = self._prompt_logprobs(hidden, offset, s)
+                except Exception as e:  # e.g. a huge prompt_logprobs request running out of memory: its own fault
+                    logger.exception("request %s: prompt logprobs failed", r.request_id)
+                    out.failed[r.request_id] = f"{type(e).__name__}: {e}"
             offset += s.num_new_tokens
             if s.completes_prompt:
                 sample_rows.append(offset - 1)
@@ -191,7 +197,10 @@ class ModelRunner:
         if sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
             result = self.sampler(logits, sample_reqs)
-            for r, token, lp in zip(sample_reqs, result.token_ids, result.logprobs):
+            for i, (r, token, lp) in enumerate(zip(sample_reqs, result.token_ids, result.logprobs)):
+                if i in result.failed:
+                    out.failed[r.request_id] = result.failed[i]
+                    continue
                 out.sampled[r.request_id] = token
                 if lp is not None:
                     out.logprobs[r.request_id] = lp

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+import torch
+
+# A per-request logits processor, as vLLM's offline API takes them: ``fn(output_token_ids, logits)`` or
+# ``fn(prompt_token_ids, output_token_ids, logits)``, returning the (possibly modified) 1-D logits row.
+LogitsProcessor = Callable[..., torch.Tensor]
+
+# torch.Generator.manual_seed takes 64-bit seeds; vLLM's API bounds them to a signed 64-bit integer.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
+# vLLM clamps logit_bias values to OpenAI's documented range rather than refusing them.
+_LOGIT_BIAS_LIMIT = 100.0
 
 
 @dataclass
@@ -36,8 +48,12 @@ class SamplingParams:
     detokenize: bool = True
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    # Set by the engine from the tokenizer/generation config; not part of a user's request.
+    allowed_token_ids: list[int] | None = None  # sample only among these ids
+    bad_words: list[str] | None = None  # never generate these words (checked token by token, as vLLM does)
+    logits_processors: list[LogitsProcessor] | None = None  # offline API only; never from HTTP
+    # Set by the engine at admission from the tokenizer; not part of a user's request.
     _eos_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
+    _bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,6 +62,13 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            if any(not math.isfinite(v) for v in self.logit_bias.values()):
+                raise ValueError("logit_bias: values must be finite numbers")
+            self.logit_bias = {k: max(-_LOGIT_BIAS_LIMIT, min(_LOGIT_BIAS_LIMIT, v)) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -56,6 +79,13 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
+        # NaN slips through every range comparison below, so finiteness comes first.
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
+            raise bad("seed", "must fit in a signed 64-bit integer")
         if self.temperature < 0.0:
             raise bad("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
@@ -84,6 +114,26 @@ class SamplingParams:
             raise bad("stop", "must not contain empty strings")
         if self.stop and not self.detokenize:
             raise bad("stop", "stop strings need detokenize=True")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise bad("allowed_token_ids", "must not be empty")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise bad("bad_words", "must be non-empty strings")
+        if self.logits_processors is not None and any(not callable(f) for f in self.logits_processors):
+            raise bad("logits_processors", "must be callables")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Every token id this request carries must index a logits row of ``vocab_size``; an id outside
+        would fail (or worse, wrap around) in the middle of a batch, so it is refused at admission."""
+        fields: list[tuple[str, list[int]]] = [
+            ("logit_bias", list(self.logit_bias or ())),
+            ("stop_token_ids", list(self.stop_token_ids or ())),
+            ("allowed_token_ids", list(self.allowed_token_ids or ())),
+            ("bad_words", [t for ids in self._bad_words_token_ids for t in ids]),
+        ]
+        for name, ids in fields:
+            wrong = [t for t in ids if not 0 <= t < vocab_size]
+            if wrong:
+                raise ValueError(f"{name}: token ids must be in [0, {vocab_size}), got {wrong[0]}")
 
     @property
     def greedy(self) -> bool:
@@ -93,8 +143,18 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    def with_eos(self, eos_token_ids: frozenset[int]) -> "SamplingParams":
-        return dataclasses.replace(self, _eos_token_ids=frozenset(eos_token_ids))
+    @property
+    def needs_row_processing(self) -> bool:
+        """Whether the sampler must touch this request's logits row before the batched steps
+        (min_tokens is checked per step, since it depends on how many tokens are out)."""
+        return bool(self.logit_bias or self.needs_penalties or self.allowed_token_ids or self._bad_words_token_ids
+                    or self.logits_processors)
+
+    def bind(self, eos_token_ids: frozenset[int], bad_words_token_ids: list[list[int]] | None = None
+             ) -> "SamplingParams":
+        """A copy carrying what the engine derives from its tokenizer at admission."""
+        return dataclasses.replace(self, _eos_token_ids=frozenset(eos_token_ids),
+                                   _bad_words_token_ids=tuple(tuple(ids) for ids in bad_words_token_ids or ()))
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -106,7 +166,7 @@ _dataclass_init = SamplingParams.__init__
 
 def _checked_init(self: SamplingParams, *args: Any, **kwargs: Any) -> None:
     # Reject unknown fields with ValueError (a dataclass raises TypeError) so API layers map it to HTTP 400.
-    unknown = sorted(set(kwargs) - SamplingParams.field_names() - {"_eos_token_ids"})
+    unknown = sorted(set(kwargs) - SamplingParams.field_names() - {"_eos_token_ids", "_bad_words_token_ids"})
     if unknown:
         raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
     _dataclass_init(self, *args, **kwargs)
