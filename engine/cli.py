@@ -2,7 +2,9 @@
 
 Flags whose feature Flotilla does not have yet are refused with a clear message instead of being
 silently ignored. SIGTERM drains: /health turns 503, new requests get 503, running requests finish
-(bounded by --drain-timeout), then the process exits 0.
+(bounded by --drain-timeout), then the process exits 0. If the model fails to load or the engine loop dies,
+the process exits 1 at once (as vLLM does), so that Kubernetes restarts it rather than keeping a pod that
+answers 503 forever.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="also read from FLOTILLA_API_KEY or VLLM_API_KEY")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--chat-template", default=None, help="a Jinja template, inline or a file path")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a chat_template in requests (it is code the server runs; off by default)")
+    p.add_argument("--chat-template-timeout", type=float, default=10.0,
+                   help="seconds one chat-template render may take before the request gets a 400")
+    p.add_argument("--max-n", type=int, default=128,
+                   help="most completions (n) one request may ask for; OpenAI's limit is 128")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--quantization", "-q", default=None)
@@ -108,31 +116,48 @@ def serve(ns: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from e
     model_name = args.model or BUNDLED_MODEL_ID
+    if ns.max_n < 1 or ns.chat_template_timeout <= 0:
+        raise SystemExit("--max-n must be >= 1 and --chat-template-timeout > 0")
     state = ServerState(
         served_model_names=ns.served_model_name or [model_name],
         model_path=model_name,
         api_key=ns.api_key or os.environ.get("FLOTILLA_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
         max_queue_len=ns.max_queue_len,
         chat_template=_chat_template(ns.chat_template),
+        trust_request_chat_template=ns.trust_request_chat_template,
+        chat_template_timeout=ns.chat_template_timeout,
+        max_n=ns.max_n,
         log_requests=not ns.disable_log_requests,
     )
     app = build_app(state)
-
-    def load() -> None:
-        try:
-            state.engine = AsyncLLMEngine(LLMEngine(args))
-            logger.info("serving %s on http://%s:%d/v1", state.served_model_names[0], ns.host, ns.port)
-        except Exception as e:  # /health stays 503 and says why; the process keeps answering
-            logger.exception("model load failed")
-            state.load_error = str(e)
-
     server = _DrainingServer(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                                             timeout_graceful_shutdown=ns.drain_timeout),
                              state, ns.drain_timeout)
+    failure: list[str] = []
+
+    def fail(why: str) -> None:
+        failure.append(why)
+        state.draining = True  # /health 503 until the process is gone
+        server.exit_now()
+
+    def load() -> None:
+        try:
+            state.engine = AsyncLLMEngine(
+                LLMEngine(args), max_queue_len=ns.max_queue_len,
+                on_dead=lambda e: fail(f"the engine loop died: {type(e).__name__}: {e}"))
+            logger.info("serving %s on http://%s:%d/v1", state.served_model_names[0], ns.host, ns.port)
+        except Exception as e:
+            logger.exception("model load failed")
+            state.load_error = str(e)
+            fail(f"model load failed: {e}")
+
     threading.Thread(target=load, name="flotilla-load", daemon=True).start()
     server.run()
     if state.engine is not None:
         state.engine.shutdown()
+    if failure:
+        print(f"flotilla serve: {failure[0]}; exiting so that the supervisor restarts the server", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -158,10 +183,18 @@ class _DrainingServer:
         deadline = time.monotonic() + self.drain_timeout
         while time.monotonic() < deadline:
             engine = self.state.engine
-            if engine is None or engine.num_unfinished() == 0:
-                break
+            if engine is None or engine.errored is not None or engine.num_unfinished() == 0:
+                break  # a dead engine finishes nothing: waiting for it would only delay the exit
             time.sleep(0.05)
         self.server.should_exit = True
+
+    def exit_now(self, grace: float = 5.0) -> None:
+        """Stop serving without a drain (nothing more can finish). In-flight requests have been handed their
+        error; they get ``grace`` seconds to write it before the remaining connections are dropped."""
+        self.server.should_exit = True
+        timer = threading.Timer(grace, lambda: setattr(self.server, "force_exit", True))
+        timer.daemon = True
+        timer.start()
 
     def run(self) -> None:
         self.server.run()

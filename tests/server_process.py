@@ -22,12 +22,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    """``launcher`` replaces ``-m flotilla.engine.serve`` (a script that injects a fault, then serves)."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(ROOT / ".pytest_cache" / f"server-{self.port}.log", "w") if (ROOT / ".pytest_cache").exists() \
             else subprocess.DEVNULL
-        cmd = [sys.executable, "-m", "flotilla.engine.serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        entry = launcher or ["-m", "flotilla.engine.serve"]
+        cmd = [sys.executable, *entry, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd="/",
                                      env={**os.environ, **(env or {})})
 

@@ -16,9 +16,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flotilla.engine.async_engine import AsyncLLMEngine
+from flotilla.engine.errors import EngineDeadError, QueueFullError, RequestFailedError
 from flotilla.engine.outputs import CompletionOutput, LogprobDict, RequestOutput
+from flotilla.engine.server.chat_template import apply_chat_template
 from flotilla.engine.server.metrics import ServerMetrics
 from flotilla.engine.server.protocol import (
     APIError,
@@ -42,6 +45,10 @@ class ServerState:
     api_key: str | None = None
     max_queue_len: int | None = None
     chat_template: str | None = None
+    # vLLM's --trust-request-chat-template: a template in a request is code the server would run.
+    trust_request_chat_template: bool = False
+    chat_template_timeout: float = 10.0  # seconds one render may take
+    max_n: int = 128  # completions one request may ask for (OpenAI's own cap)
     max_body_bytes: int = 16 * 2**20
     log_requests: bool = True
     engine: AsyncLLMEngine | None = None  # None while the model loads
@@ -55,6 +62,8 @@ class ServerState:
         if self.engine is None:
             why = f"model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
             raise APIError(503, why, code="loading", headers={"Retry-After": "10"})
+        if self.engine.errored is not None:
+            raise _dead_error()
         return self.engine
 
 
@@ -126,10 +135,24 @@ def build_app(state: ServerState) -> FastAPI:
         message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid JSON")
         return _error_response(APIError(400, message, param))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own answers (unknown route, wrong method, an unparsable body) in OpenAI's shape too.
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return _error_response(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error_response(_api_error_of(exc))
+
     # ---- probes and facts -----------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "Ready: the model is loaded and the engine loop runs."},
+                        503: {"description": "Loading, draining, or the engine has died."}})
     async def health() -> Response:
+        """vLLM's probe: an empty 200 while the engine serves, an empty 503 otherwise."""
         if state.draining or state.engine is None or state.engine.errored is not None:
             return Response(status_code=503, headers={"Retry-After": "5"})
         return Response(status_code=200)
@@ -155,10 +178,26 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(404, f"The model `{name}` does not exist.", "model", code="model_not_found")
 
     def check_queue(engine: AsyncLLMEngine) -> None:
+        """Early refusal before any work; the binding check is the engine's, made as the request queues."""
         limit = state.max_queue_len
-        if limit is not None and engine.engine.stats().num_waiting >= limit:
-            raise APIError(503, f"the waiting queue is full ({limit} requests)", code="queue_full",
-                           headers={"Retry-After": "1"})
+        if limit is not None and engine.num_waiting() >= limit:
+            raise _api_error_of(QueueFullError(limit))
+
+    def check_n(n: int, best_of: int | None) -> None:
+        if n > state.max_n:
+            raise APIError(400, f"n: must be at most {state.max_n}, got {n}", "n")
+        if best_of is not None and best_of != n:
+            raise APIError(400, "best_of: only best_of equal to n is supported", "best_of")
+
+    async def template_ids(engine: AsyncLLMEngine, messages: list[dict], add_generation_prompt: bool,
+                           template: str | None, kwargs: dict | None, continue_final: bool = False) -> list[int]:
+        if template is not None and not state.trust_request_chat_template:
+            raise APIError(400, "chat_template: templates in requests are refused; the server must be started "
+                                "with --trust-request-chat-template to accept them", "chat_template")
+        return await apply_chat_template(
+            engine.get_tokenizer(), messages, template=template or state.chat_template,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final,
+            kwargs=kwargs, timeout=state.chat_template_timeout)
 
     # ---- tokenizer routes -------------------------------------------------------------------------
 
@@ -167,8 +206,8 @@ def build_app(state: ServerState) -> FastAPI:
         engine = state.ready_engine()
         check_model(req.model)
         if req.messages is not None:
-            ids = _apply_template(engine, state, [m.model_dump() for m in req.messages],
-                                  req.add_generation_prompt, None, None)
+            ids = await template_ids(engine, [m.model_dump() for m in req.messages], req.add_generation_prompt,
+                                     None, None)
         elif req.prompt is not None:
             ids = engine.get_tokenizer().encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
@@ -190,12 +229,13 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         engine = state.ready_engine()
         check_model(req.model)
+        check_n(req.n, req.best_of)
         check_queue(engine)
         messages = []
         for m in req.messages:
             messages.append({"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})})
-        prompt_ids = _apply_template(engine, state, messages, req.add_generation_prompt, req.chat_template,
-                                     req.chat_template_kwargs, req.continue_final_message)
+        prompt_ids = await template_ids(engine, messages, req.add_generation_prompt, req.chat_template,
+                                        req.chat_template_kwargs, req.continue_final_message)
         max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt_ids), engine.engine.max_model_len,
                                  "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         params = req.sampling_params(max_tokens, req.requested_logprobs())
@@ -226,6 +266,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         engine = state.ready_engine()
         check_model(req.model)
+        check_n(req.n, req.best_of)
         check_queue(engine)
         if req.suffix:
             raise APIError(400, "suffix: is not supported", "suffix")
@@ -281,17 +322,25 @@ def build_app(state: ServerState) -> FastAPI:
 # ---- helpers (pure where they can be) ---------------------------------------------------------------
 
 
-def _apply_template(engine: AsyncLLMEngine, state: ServerState, messages: list[dict], add_generation_prompt: bool,
-                    template: str | None, kwargs: dict | None, continue_final: bool = False) -> list[int]:
-    tok = engine.get_tokenizer()
-    try:
-        ids = tok.apply_chat_template(
-            messages, chat_template=template or state.chat_template, tokenize=True, return_dict=False,
-            add_generation_prompt=add_generation_prompt and not continue_final,
-            continue_final_message=continue_final, **(kwargs or {}))
-    except Exception as e:  # template errors are the request's fault (bad roles, missing fields)
-        raise APIError(400, f"messages: chat template failed: {e}", "messages") from e
-    return list(ids)
+def _dead_error() -> APIError:
+    return APIError(503, "the engine has failed and this server is exiting; retry on another replica",
+                    code="engine_dead", headers={"Retry-After": "5"})
+
+
+def _api_error_of(e: BaseException) -> APIError:
+    """The HTTP answer for an exception out of the engine: whose fault it is decides the status."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ValueError):  # invalid request, refused before anything was queued
+        return APIError.invalid(e)
+    if isinstance(e, QueueFullError):
+        return APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, EngineDeadError):
+        return _dead_error()
+    if isinstance(e, RequestFailedError):
+        return APIError(500, f"the engine failed while processing this request ({e.reason}); other requests "
+                             "were not affected", code="request_failed")
+    return APIError(500, f"internal error: {type(e).__name__}", code="internal_error")
 
 
 def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
@@ -316,14 +365,18 @@ async def _start(engine: AsyncLLMEngine, prompt: dict, params: Any, request_id: 
     gen = engine.generate(prompt, params, request_id, cache_salt=cache_salt)
     try:
         first = await gen.__anext__()
-    except ValueError as e:
-        raise APIError(400, str(e), str(e).split(":", 1)[0]) from e
+    except Exception as e:
+        raise _api_error_of(e) from e
 
     async def chained() -> AsyncIterator[RequestOutput]:
         try:
             yield first
             async for out in gen:
                 yield out
+        except APIError:
+            raise
+        except Exception as e:  # a failure after the first output: this request's, or the engine's
+            raise _api_error_of(e) from e
         finally:
             await gen.aclose()  # aborts the request in the engine if it had not finished
 
@@ -453,6 +506,8 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
         try:
             async for out in s:
                 await queue.put((i, out))
+        except Exception as e:  # handed to the consumer, which ends the whole response with it
+            await queue.put((i, e))
         finally:
             await queue.put((i, sentinel))
 
@@ -464,6 +519,8 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
             if item is sentinel:
                 remaining -= 1
                 continue
+            if isinstance(item, Exception):
+                raise item
             yield i, item
     finally:
         for t in tasks:

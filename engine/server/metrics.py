@@ -52,6 +52,8 @@ class _EngineCollector(Collector):
         yield counter("vllm:prefix_cache_hits", "Prefix-cache hits, in tokens.", s.prefix_cache_hits)
         yield counter("vllm:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens)
         yield counter("vllm:generation_tokens", "Generation tokens produced.", s.generation_tokens)
+        yield counter("flotilla:request_errors", "Requests stopped because their own processing raised "
+                      "(each failed alone; the engine went on).", s.request_errors)
         facts = {
             "model_name": self.model_name,
             "block_size": str(engine.cache_config.block_size),

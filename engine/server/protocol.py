@@ -24,6 +24,13 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
+    @classmethod
+    def invalid(cls, e: ValueError) -> "APIError":
+        """A 400 for the engine's ``ValueError``, whose message starts with the field it names."""
+        message = str(e)
+        head = message.split(":", 1)[0]
+        return cls(400, message, head if head.isidentifier() else None)
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "api_error"),
                           "param": self.param, "code": self.code if self.code is not None else self.status}}
@@ -37,14 +44,16 @@ class _SamplingFields(BaseModel):
     """Fields shared by both endpoints. Unknown fields are accepted and ignored, as OpenAI clients send
     more than any server implements (``user``, ``service_tier``...)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinity parse from JSON (Python's reader takes them) but are never a valid setting.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     n: int = 1
+    best_of: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -58,6 +67,8 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     cache_salt: str | None = None
@@ -79,21 +90,22 @@ class _SamplingFields(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0, logit_bias=bias, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, detokenize=detokenize,
+            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
         )
         try:
             return SamplingParams(**fields)
         except ValueError as e:
-            raise APIError(400, str(e), str(e).split(":", 1)[0]) from e
+            raise APIError.invalid(e) from e
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
