@@ -398,33 +398,33 @@ def test_two_replicas_with_peering_only_one_acts(control_plane, kube, operator):
     kube.custom.create_namespaced_custom_object("kopf.dev", "v1", NS, "kopfpeerings",
                                                 {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
                                                  "metadata": {"name": "flotilla"}})
-    # POD_ID is kopf's peer identity (the pod name, in a cluster).
-    replicas = [Operator(control_plane, "--peering", "flotilla", env={"POD_ID": f"replica-{i}"}).start()
-                for i in range(2)]
+    # POD_ID is kopf's peer identity (the pod name, in a cluster). A replica with --peering starts paused and
+    # resumes only once it has read the peering object and found no live peer above it; so the higher one is
+    # started first and shown active, and the lower one, starting after, can never act while it lives.
+    high = Operator(control_plane, "--peering", "flotilla", "--priority", "200", env={"POD_ID": "replica-high"})
+    low = Operator(control_plane, "--peering", "flotilla", "--priority", "100", env={"POD_ID": "replica-low"})
+    replicas = [high.start()]
     try:
+        wait_for(lambda: "Resuming operations after the pause" in high.log(), what="the higher replica to resume")
+        replicas.append(low.start())
+
         def peers() -> dict[str, Any]:
             obj = kube.custom.get_namespaced_custom_object("kopf.dev", "v1", NS, "kopfpeerings", "flotilla")
-            status = obj.get("status") or {}
-            return status if len(status) == 2 else {}
-        status = wait_for(peers, what="both replicas in the peering object")
-        assert len({p["priority"] for p in status.values()}) == 2, status  # equal priorities pause both
-        highest = max(status, key=lambda identity: status[identity]["priority"])
-        time.sleep(2)  # each has seen the other: kopf pauses the lower one within moments
-        offsets = [len(op.log()) for op in replicas]
+            return obj.get("status") or {}
+
+        wait_for(lambda: set(peers()) >= {"replica-high", "replica-low"}, what="both replicas in the peering object")
+        since = [len(op.log()) for op in (high, low)]
         kube.create_isvc(cpu_service("peered"))
         reconciled(kube, "peered")
-        time.sleep(2)  # a second, unpaused replica would have handled it by now too
-        acted = [op for op, since in zip(replicas, offsets) if _acted(op, since)]
-        assert len(acted) == 1, [op.log()[-2000:] for op in replicas]
-        assert acted[0].env["POD_ID"] == highest
-        # The active one stops: the standby takes over.
-        active = acted[0]
-        standby = next(op for op in replicas if op is not active)
-        since = len(standby.log())
-        active.stop()
+        wait_for(lambda: _acted(high, since[0]), what="the active replica's handler to finish")
+        assert not _acted(low, since[1]) and "Resuming operations" not in low.log(), low.log()[-2000:]
+        # The active one stops (and leaves the peering object): the standby resumes and takes over.
+        since_low = len(low.log())
+        high.stop()
+        wait_for(lambda: "Resuming operations after the pause" in low.log()[since_low:], what="the standby to resume")
         kube.create_isvc(cpu_service("after-failover"))
         reconciled(kube, "after-failover")
-        assert _acted(standby, since)
+        wait_for(lambda: _acted(low, since_low), what="the standby's handler to finish")
     finally:
         for op in replicas:
             op.stop()
