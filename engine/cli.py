@@ -36,6 +36,7 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", nargs="+", default=None)
     p.add_argument("--api-key", default=None, help="also read from FLOTILLA_API_KEY or VLLM_API_KEY")
     p.add_argument("--tokenizer", default=None)
+    _source_flags(p)
     p.add_argument("--chat-template", default=None, help="a Jinja template, inline or a file path")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat_template in requests (it is code the server runs; off by default)")
@@ -70,11 +71,44 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _source_flags(p: argparse.ArgumentParser) -> None:
+    """Where remote weights come from (vLLM's flag names); shared by serve and download."""
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hugging Face repo")
+    p.add_argument("--download-dir", default=None,
+                   help="Hugging Face cache to download into and read from (default: HF_HOME's hub cache)")
+    p.add_argument("--hf-token", default=None, help="token for private or gated repos (default: HF_TOKEN)")
+
+
+def _download_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("download", help="download a model into a cache, as serve would",
+                       description="Make MODEL (ORG/NAME[@REV], hf://..., s3://BUCKET/PREFIX) local in the cache "
+                                   "--to names, the same way `flotilla serve` does, and print the folder.")
+    p.add_argument("model")
+    p.add_argument("--to", dest="download_dir", default=None, help="the cache folder (serve's --download-dir)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hugging Face repo")
+    p.add_argument("--hf-token", default=None, help="token for private or gated repos (default: HF_TOKEN)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flotilla", description="Flotilla inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _download_parser(sub)
     return parser
+
+
+def download(ns: argparse.Namespace) -> int:
+    from flotilla.engine.model_source import ModelSourceError, fetch, parse_model_uri
+
+    try:
+        folder = fetch(parse_model_uri(ns.model, ns.revision), ns.download_dir,
+                       ns.hf_token or os.environ.get("HF_TOKEN") or None)
+    except ModelSourceError as e:
+        print(f"flotilla download: {e}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
 
 
 def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
@@ -93,6 +127,7 @@ def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
         swap_space=ns.swap_space, preemption_mode=ns.preemption_mode, enable_prefix_caching=ns.enable_prefix_caching,
         enable_chunked_prefill=ns.enable_chunked_prefill, load_format=ns.load_format, seed=ns.seed,
         device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=True,
+        revision=ns.revision, download_dir=ns.download_dir, hf_token=ns.hf_token,
     )
 
 
@@ -201,10 +236,16 @@ class _DrainingServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ns = build_parser().parse_args(argv)
+    # `download` is a step in a loader Job or a script: its stderr is the one line of an error, nothing more.
+    logging.basicConfig(level=logging.INFO if ns.command == "serve" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpx2"):  # one line per HTTP request the hub client makes
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if ns.command == "serve":
         return serve(ns)
+    if ns.command == "download":
+        return download(ns)
     return 2
 
 

@@ -49,7 +49,9 @@ class EngineArgs:
     trust_remote_code: bool = False
     enforce_eager: bool = True
     disable_log_stats: bool = True
-    revision: str | None = None
+    revision: str | None = None  # branch, tag or commit of a Hugging Face repo (or ORG/NAME@REV)
+    download_dir: str | None = None  # the Hugging Face cache to download into (default: HF_HOME's)
+    hf_token: str | None = None  # default: HF_TOKEN
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -7,6 +7,7 @@ One step: the scheduler picks requests and token counts, the model runner comput
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Union
@@ -79,10 +80,11 @@ class LLMEngine:
         self.args = args
         t0 = time.perf_counter()
         self.device = args.resolve_device()
-        self.source = resolve_model(args.model, args.load_format)
+        token = args.hf_token or os.environ.get("HF_TOKEN") or None
+        self.source = resolve_model(args.model, args.load_format, args.revision, args.download_dir, token)
         self.model_config = load_config(self.source)
         self.dtype = args.resolve_dtype(config_dtype(self.model_config), self.device)
-        self.tokenizer = load_tokenizer(self.source, args.tokenizer)
+        self.tokenizer = load_tokenizer(self.source, args.tokenizer, args.download_dir, token)
         self.eos_token_ids = generation_eos_ids(self.source, self.tokenizer, self.model_config)
         torch.manual_seed(args.seed)
         model = load_model(self.source, self.model_config, self.dtype, self.device, args.seed)

@@ -1,6 +1,7 @@
 """Finding a model, reading its config and tokenizer, and loading its weights.
 
-Three sources, one path through: a Hugging Face folder of safetensors; a GGUF file, which transformers
+Three formats, one path through (remote sources are made local first by ``model_source``): a Hugging Face
+folder of safetensors; a GGUF file, which transformers
 dequantizes once into such a folder cached under ``~/.cache/flotilla/gguf/`` (the bundled SmolLM2 takes
 ~25 s to convert and a second to load afterwards); and ``load_format="dummy"``, random weights from a
 config.json for benchmarks at real model sizes.
@@ -22,12 +23,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from flotilla.engine.model_source import fetch, parse_model_uri
 from flotilla.engine.models.llama import MODEL_REGISTRY
 
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# Names that mean the bundled weights when no such local path exists (no downloads, ever).
+# Names that mean the bundled weights when no such local path exists (so `make serve` never downloads).
 _BUNDLED_ALIASES = {BUNDLED_MODEL_ID, "SmolLM2-135M-Instruct"}
 
 
@@ -96,14 +98,17 @@ class ModelSource:
     name: str
 
 
-def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
-    """Map the ``model`` argument (folder, GGUF file, config.json for dummy, or None for the bundled
-    model) to a local folder."""
+def resolve_model(model: str | None, load_format: str = "auto", revision: str | None = None,
+                  download_dir: str | None = None, token: str | None = None) -> ModelSource:
+    """Map the ``model`` argument (folder, GGUF file, config.json for dummy, a Hugging Face repo id, s3://, or
+    None for the bundled model) to a local folder, downloading first when it is remote."""
     if model is None or (model in _BUNDLED_ALIASES and not Path(model).exists()):
         model = bundled_model_path()
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ValueError(f"model: {model!r} is not a local folder, GGUF file or config.json (no downloads)")
+    ref = parse_model_uri(model, revision)
+    if ref.kind != "local":
+        folder = fetch(ref, download_dir, token, weights=load_format != "dummy")
+        return ModelSource(folder, "dummy" if load_format == "dummy" else "safetensors", ref.location)
+    path = Path(ref.location)
     if path.is_file() and path.suffix == ".gguf":
         if load_format not in ("auto", "gguf"):
             raise ValueError(f"load_format {load_format!r} does not fit the GGUF file {model}")
@@ -167,14 +172,16 @@ def load_model(source: ModelSource, config: Any, dtype: torch.dtype, device: tor
     return model.eval()
 
 
-def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None, download_dir: str | None = None,
+                   token: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     if tokenizer is not None:
         path = Path(tokenizer)
         if path.is_file() and path.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(convert_gguf(path)))
-        return AutoTokenizer.from_pretrained(tokenizer)
+        folder = fetch(parse_model_uri(tokenizer), download_dir, token, weights=False)
+        return AutoTokenizer.from_pretrained(str(folder))
     return AutoTokenizer.from_pretrained(str(source.folder))
 
 

@@ -22,9 +22,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``launcher`` replaces ``-m flotilla.engine.serve`` (a script that injects a fault, then serves)."""
+    """``launcher`` replaces ``-m flotilla.engine.serve`` (a script that injects a fault, then serves);
+    ``clean_env`` runs it with ``env`` alone instead of ``env`` over this process's environment."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None,
+                 clean_env: bool = False) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(ROOT / ".pytest_cache" / f"server-{self.port}.log", "w") if (ROOT / ".pytest_cache").exists() \
@@ -32,7 +34,7 @@ class ServerProcess:
         entry = launcher or ["-m", "flotilla.engine.serve"]
         cmd = [sys.executable, *entry, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd="/",
-                                     env={**os.environ, **(env or {})})
+                                     env=dict(env or {}) if clean_env else {**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 180.0) -> "ServerProcess":
         deadline = time.monotonic() + timeout
