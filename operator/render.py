@@ -32,6 +32,9 @@ SHM_SINGLE_GPU_BYTES = 1 * GiB
 SHM_PER_TP_RANK_BYTES = 4 * GiB
 
 CACHE_MOUNT = "/cache"
+#: Keys of spec.model.credentialsSecretRef the engine reads: the hub's token, and S3's usual variables.
+CREDENTIAL_KEYS = ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                   "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 MODELS_MOUNT = "/models"
 
 
@@ -83,6 +86,8 @@ def engine_args(svc: InferenceService) -> list[str]:
             "--served-model-name", svc.served_model_name]
     if svc.model.tokenizer:
         args += ["--tokenizer", svc.model.tokenizer]
+    if svc.model.revision:
+        args += ["--revision", svc.model.revision]
     if e.max_model_len is not None:
         args += ["--max-model-len", str(e.max_model_len)]
     args += ["--max-num-seqs", str(e.max_num_seqs)]
@@ -134,6 +139,10 @@ def _env(svc: InferenceService) -> list[dict[str, Any]]:
         ref = svc.api_key_secret_ref
         env.append({"name": "FLOTILLA_API_KEY",
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if svc.model.credentials_secret_ref:
+        # Each key the Secret has becomes the variable the hub or S3 client reads; missing keys are skipped.
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {
+            "name": svc.model.credentials_secret_ref, "key": key, "optional": True}}} for key in CREDENTIAL_KEYS]
     return env + [dict(e) for e in svc.env]
 
 

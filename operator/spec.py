@@ -19,7 +19,7 @@ DEFAULT_ENGINE_IMAGE = "ghcr.io/flotilla-dev/flotilla-engine:0.1.0"
 ENGINE_IMAGE_ENV = "FLOTILLA_ENGINE_IMAGE"
 
 AutoscalingMode = Literal["builtin", "hpa", "keda"]
-ModelSource = Literal["hf", "pvc", "local"]
+ModelSource = Literal["hf", "s3", "pvc", "local"]
 _PVC_URI = re.compile(r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+$")
 
 
@@ -39,11 +39,16 @@ class ConfigMapKeyRef:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which weights to serve. `uri` is a Hugging Face id, `pvc://claim/path`, or a path in the image."""
+    """Which weights to serve. `uri` is a Hugging Face id (`ORG/NAME`, `hf://ORG/NAME[@REV]`), `s3://bucket/prefix`,
+    `pvc://claim/path`, or a path in the image."""
 
     uri: str
     served_model_name: str | None = None
     tokenizer: str | None = None
+    #: Branch, tag or commit of a hub repo (the engine's --revision).
+    revision: str | None = None
+    #: A Secret whose keys HF_TOKEN / AWS_* become the engine's environment (never its args).
+    credentials_secret_ref: str | None = None
     #: The model's config.json, inline; lets the operator check the fit and size the startup probe.
     config: Mapping[str, Any] | None = None
     config_map_ref: ConfigMapKeyRef | None = None
@@ -52,6 +57,8 @@ class ModelSpec:
     def source(self) -> ModelSource:
         if self.uri.startswith("pvc://"):
             return "pvc"
+        if self.uri.startswith("s3://"):
+            return "s3"
         if self.uri.startswith("/") or self.uri.startswith("./"):
             return "local"
         return "hf"
@@ -148,7 +155,7 @@ class InferenceService:
 
     @property
     def served_model_name(self) -> str:
-        return self.model.served_model_name or self.model.uri.rstrip("/").rsplit("/", 1)[-1]
+        return self.model.served_model_name or self.model.uri.rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
 
     @property
     def desired_replicas(self) -> int:
@@ -197,15 +204,22 @@ def _model(d: Mapping[str, Any]) -> ModelSpec:
     if not uri:
         raise SpecError("spec.model.uri is required")
     ref = d.get("configMapRef")
+    credentials = d.get("credentialsSecretRef")
     model = ModelSpec(
         uri=uri,
         served_model_name=_opt(d, "servedModelName", str),
         tokenizer=_opt(d, "tokenizer", str),
+        revision=_opt(d, "revision", str),
+        credentials_secret_ref=credentials["name"] if credentials else None,
         config=_opt(d, "config", dict),
         config_map_ref=ConfigMapKeyRef(ref["name"], ref.get("key", "config.json")) if ref else None,
     )
     if model.source == "pvc" and not _PVC_URI.match(uri):
         raise SpecError(f"model.uri {uri!r}: expected pvc://<claim>/<path>")
+    if model.revision and model.source != "hf":
+        raise SpecError(f"model.revision applies to Hugging Face repos only, not {uri!r}")
+    if model.revision and "@" in uri:
+        raise SpecError(f"model.uri {uri!r} pins a revision already; drop model.revision")
     return model
 
 

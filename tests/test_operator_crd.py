@@ -89,7 +89,7 @@ def test_cel_rules_compile_and_reference_only_declared_fields():
             for dotted in re.findall(r"self((?:\.[a-zA-Z]+)+)", rule["rule"]):
                 cursor = node
                 for part in dotted.strip(".").split("."):
-                    if part in ("startsWith", "matches"):
+                    if part in ("startsWith", "endsWith", "contains", "matches"):  # CEL string methods
                         break
                     assert part in cursor.get("properties", {}), (path, rule["rule"], part)
                     cursor = cursor["properties"][part]
@@ -162,6 +162,11 @@ INVALID = [
      "maxNumBatchedTokens"),
     ("zero waiting target", lambda b: b["spec"].update(autoscaling={"targetWaitingRequests": 0}),
      "targetWaitingRequests"),
+    ("revision of an s3 model", lambda b: b["spec"]["model"].update(uri="s3://bucket/llama", revision="main"),
+     "revision applies to a Hugging Face repo"),
+    ("revision twice", lambda b: b["spec"]["model"].update(uri="org/model@v1", revision="v2"),
+     "revision applies to a Hugging Face repo"),
+    ("credentials without a name", lambda b: b["spec"]["model"].update(credentialsSecretRef={}), "name"),
 ]
 
 
@@ -182,6 +187,9 @@ VALID_EDGES = [
     ("chunked prefill lifts the batched-token rule",
      {"engine": {"maxModelLen": 8192, "maxNumBatchedTokens": 2048}}),
     ("quantities as ints and strings", {"shmSize": 2147483648, "resources": {"memory": "16Gi", "cpu": 4}}),
+    ("hub repo at a revision with credentials",
+     {"model": {"uri": "hf://org/model", "revision": "v1.0", "credentialsSecretRef": {"name": "hf"}}}),
+    ("s3 model", {"model": {"uri": "s3://bucket/models/llama-8b", "credentialsSecretRef": {"name": "aws"}}}),
 ]
 
 
@@ -195,7 +203,8 @@ def test_edge_values_are_admitted(label, spec):
 
 OPERATOR_CHECKED = {"min above max", "gpu util over 0.95", "gpu util zero", "gpu util one (an int)",
                     "target kv 1", "target kv 0", "tp above gpus", "tp without gpus", "bad mode",
-                    "negative replicas", "bad pvc uri", "no model", "zero waiting target"}
+                    "negative replicas", "bad pvc uri", "no model", "zero waiting target",
+                    "revision of an s3 model", "revision twice"}
 
 
 @pytest.mark.parametrize("label,mutate", [(i[0], i[1]) for i in INVALID if i[0] in OPERATOR_CHECKED],

@@ -205,6 +205,25 @@ def test_api_key_comes_from_the_secret_and_never_appears_in_args():
         "env"].__repr__()
 
 
+def test_revision_is_a_flag_and_credentials_come_only_from_the_secret():
+    svc = service({"model": {"uri": "hf://org/model-8B", "revision": "v1.0",
+                             "credentialsSecretRef": {"name": "hub-and-s3"}}})
+    args = engine_args(svc)
+    assert args[1] == "hf://org/model-8B" and args[args.index("--revision") + 1] == "v1.0"
+    assert svc.served_model_name == "model-8B"
+    env = {e["name"]: e for e in container(render_deployment(svc))["env"]}
+    for key in ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "hub-and-s3", "key": key,
+                                                                        "optional": True}}}
+    assert not any("hub-and-s3" in a for a in args)
+
+
+def test_an_s3_model_is_passed_to_the_engine_as_its_uri():
+    svc = service(uri="s3://bucket/models/llama-8b")
+    assert svc.model.source == "s3" and engine_args(svc)[1] == "s3://bucket/models/llama-8b"
+    assert svc.served_model_name == "llama-8b" and "--revision" not in engine_args(svc)
+
+
 def test_model_cache_pvc_is_mounted_as_the_hub_cache():
     dep = render_deployment(service({"modelCache": {"claimName": "hf-cache"}}))
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
