@@ -189,7 +189,8 @@ def model_weight_bytes(svc: InferenceService, config: Mapping[str, Any] | None) 
 
 # Loading is bounded by the slowest stage: a hub download is far slower than a local disk read. These
 # are deliberately pessimistic rates (a probe that gives up too early kills a healthy pod forever).
-_LOAD_BYTES_PER_SECOND = {"hf": 50e6, "pvc": 200e6, "local": 200e6}
+# Downloads (hub, S3) are budgeted at a conservative 50 MB/s; volume and image reads at 200 MB/s.
+_LOAD_BYTES_PER_SECOND = {"hf": 50e6, "s3": 50e6, "pvc": 200e6, "local": 200e6}
 STARTUP_BASE_SECONDS = 120       # interpreter, CUDA context, profiling run, CUDA graphs
 STARTUP_UNKNOWN_SECONDS = 1800   # no idea of the size: give it half an hour
 STARTUP_MAX_SECONDS = 4 * 3600

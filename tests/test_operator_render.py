@@ -162,6 +162,10 @@ def test_startup_probe_budget_follows_the_model_size_and_guards_liveness():
     assert budget(small) < 600 < 2400 < budget(big)
     svc = service(uri="meta-llama/Llama-3.1-70B-Instruct")
     assert budget(big) >= startup_budget_seconds(svc, model_config("llama-3.1-70b"))
+    # A download from S3 is budgeted like one from the hub, a baked-in or volume path as a faster disk read.
+    s3 = startup_budget_seconds(service(uri="s3://b/llama-70b"), model_config("llama-3.1-70b"))
+    baked = startup_budget_seconds(service(uri="/models/llama-70b"), model_config("llama-3.1-70b"))
+    assert s3 == startup_budget_seconds(svc, model_config("llama-3.1-70b")) > baked
     # The rollout deadline must outlast the load, or a healthy rollout is reported failed.
     assert big["spec"]["progressDeadlineSeconds"] > budget(big)
     c = container(big)
