@@ -297,7 +297,13 @@ def build_app(state: ServerState) -> FastAPI:
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(_completion_chunks(streams, base_id, model, n, req.echo, usage, engine, metrics))
-        finals = await asyncio.gather(*(_collect(s, raw) for s in streams))
+        tasks = [asyncio.ensure_future(_collect(s, raw)) for s in streams]
+        try:
+            finals = await asyncio.gather(*tasks)
+        except BaseException:  # one prompt failed: the response is an error, so stop computing the others
+            for t in tasks:
+                t.cancel()
+            raise
         choices = []
         for i, final in enumerate(finals):
             metrics.observe_finished(final)
