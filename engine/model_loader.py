@@ -82,6 +82,10 @@ def convert_gguf(gguf_path: Path) -> Path:
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").write_text(str(gguf_path))
+    # safetensors writes its file owner-only (0600); a conversion baked into an image at build time (as root)
+    # must stay readable by the unprivileged user the engine runs as.
+    for path in [tmp, *tmp.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     if target.exists():  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     else:

@@ -199,3 +199,11 @@ def test_s3_failures_exit_non_zero_with_one_line(s3, tmp_path, uri, env, says):
                           capture_output=True, text=True, timeout=300, cwd="/",
                           env={k: v for k, v in merged.items() if v is not None})
     assert says in failure_line(done)
+
+
+def test_a_converted_gguf_is_readable_by_every_user(smollm2_dir):
+    # The CPU image converts the bundled GGUF at build time as root and serves it as uid 1000; safetensors
+    # writes owner-only files, which left the engine unable to open its own weights.
+    for path in [smollm2_dir, *smollm2_dir.iterdir()]:
+        mode = path.stat().st_mode & 0o777
+        assert mode & 0o004 and (not path.is_dir() or mode & 0o001), (path, oct(mode))
