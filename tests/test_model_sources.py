@@ -145,7 +145,10 @@ def test_an_unreachable_hub_says_what_to_do(tmp_path):
 def test_serve_exits_non_zero_when_the_repo_is_missing(hub, tmp_path):
     proc = ServerProcess(["flotilla-test/does-not-exist", "--download-dir", str(tmp_path)], env=hub_env(hub),
                          clean_env=True)
-    assert proc.proc.wait(timeout=120) == 1
+    try:
+        assert proc.proc.wait(timeout=120) == 1
+    finally:
+        proc.stop()  # never leave a server behind, whatever the outcome
 
 
 # ---- S3, through boto3 against moto's server mode (the real S3 wire protocol on loopback) -----------------

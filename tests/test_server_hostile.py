@@ -250,7 +250,10 @@ def test_a_dead_engine_loop_ends_the_process_non_zero(tiny_llama):
 
 def test_a_model_that_cannot_load_ends_the_process_non_zero(tmp_path):
     proc = ServerProcess([str(tmp_path / "no-such-model"), "--served-model-name", "tiny"])
-    assert proc.proc.wait(timeout=120) == 1
+    try:
+        assert proc.proc.wait(timeout=120) == 1
+    finally:
+        proc.stop()  # never leave a server behind, whatever the outcome
 
 
 def _kv_usage(proc) -> float:
