@@ -132,6 +132,7 @@ class AsyncLLMEngine:
                 self.engine.abort_request(payload)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        """Hand an output or error to the request's consumer; the caller holds ``self._lock``."""
         target = self._streams.get(request_id)
         if target is not None:
             loop, stream = target

@@ -36,7 +36,7 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", nargs="+", default=None)
     p.add_argument("--api-key", default=None, help="also read from FLOTILLA_API_KEY or VLLM_API_KEY")
     p.add_argument("--tokenizer", default=None)
-    _source_flags(p)
+    _source_flags(p, "--download-dir")
     p.add_argument("--chat-template", default=None, help="a Jinja template, inline or a file path")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat_template in requests (it is code the server runs; off by default)")
@@ -71,10 +71,10 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _source_flags(p: argparse.ArgumentParser) -> None:
+def _source_flags(p: argparse.ArgumentParser, *download_dir_flags: str) -> None:
     """Where remote weights come from (vLLM's flag names); shared by serve and download."""
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hugging Face repo")
-    p.add_argument("--download-dir", default=None,
+    p.add_argument(*download_dir_flags, dest="download_dir", default=None,
                    help="Hugging Face cache to download into and read from (default: HF_HOME's hub cache)")
     p.add_argument("--hf-token", default=None, help="token for private or gated repos (default: HF_TOKEN)")
 
@@ -84,9 +84,7 @@ def _download_parser(sub: Any) -> argparse.ArgumentParser:
                        description="Make MODEL (ORG/NAME[@REV], hf://..., s3://BUCKET/PREFIX) local in the cache "
                                    "--to names, the same way `flotilla serve` does, and print the folder.")
     p.add_argument("model")
-    p.add_argument("--to", dest="download_dir", default=None, help="the cache folder (serve's --download-dir)")
-    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hugging Face repo")
-    p.add_argument("--hf-token", default=None, help="token for private or gated repos (default: HF_TOKEN)")
+    _source_flags(p, "--to", "--download-dir")
     return p
 
 
@@ -102,8 +100,7 @@ def download(ns: argparse.Namespace) -> int:
     from flotilla.engine.model_source import ModelSourceError, fetch, parse_model_uri
 
     try:
-        folder = fetch(parse_model_uri(ns.model, ns.revision), ns.download_dir,
-                       ns.hf_token or os.environ.get("HF_TOKEN") or None)
+        folder = fetch(parse_model_uri(ns.model, ns.revision), ns.download_dir, ns.hf_token)
     except ModelSourceError as e:
         print(f"flotilla download: {e}", file=sys.stderr)
         return 1
@@ -157,7 +154,6 @@ def serve(ns: argparse.Namespace) -> int:
         served_model_names=ns.served_model_name or [model_name],
         model_path=model_name,
         api_key=ns.api_key or os.environ.get("FLOTILLA_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
-        max_queue_len=ns.max_queue_len,
         chat_template=_chat_template(ns.chat_template),
         trust_request_chat_template=ns.trust_request_chat_template,
         chat_template_timeout=ns.chat_template_timeout,

@@ -7,7 +7,6 @@ One step: the scheduler picks requests and token counts, the model runner comput
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Union
@@ -80,7 +79,7 @@ class LLMEngine:
         self.args = args
         t0 = time.perf_counter()
         self.device = args.resolve_device()
-        token = args.hf_token or os.environ.get("HF_TOKEN") or None
+        token = args.hf_token  # None: the hub client reads HF_TOKEN itself
         self.source = resolve_model(args.model, args.load_format, args.revision, args.download_dir, token)
         self.model_config = load_config(self.source)
         self.dtype = args.resolve_dtype(config_dtype(self.model_config), self.device)

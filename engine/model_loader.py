@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from flotilla.engine.model_source import fetch, parse_model_uri
+from flotilla.engine.model_source import cache_root, fetch, parse_model_uri
 from flotilla.engine.models.llama import MODEL_REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,6 @@ def bundled_model_path() -> str:
     if not files:
         raise FileNotFoundError(f"no .gguf file in {folder}")
     return str(files[0])
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FLOTILLA_CACHE", Path.home() / ".cache" / "flotilla"))
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:

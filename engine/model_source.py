@@ -98,8 +98,9 @@ def _fetch_hf(ref: ModelRef, download_dir: str | None, token: str | None, allow:
 
     where = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
+        # token=None lets the hub client read HF_TOKEN (or a stored login) itself.
         path = snapshot_download(ref.location, revision=ref.revision, cache_dir=download_dir,
-                                 token=token or None, allow_patterns=allow, ignore_patterns=IGNORE_PATTERNS)
+                                 token=token, allow_patterns=allow, ignore_patterns=IGNORE_PATTERNS)
     except GatedRepoError as e:
         raise ModelSourceError(f"model: {ref.location} is gated on {where}: accept its licence there and set HF_TOKEN "
                                "(or --hf-token) to a token of an account that has access") from e
@@ -107,10 +108,11 @@ def _fetch_hf(ref: ModelRef, download_dir: str | None, token: str | None, allow:
         raise ModelSourceError(f"model: revision {ref.revision!r} of {ref.location} does not exist; use a branch, "
                                "tag or commit of that repo (--revision)") from e
     except RepositoryNotFoundError as e:
-        hint = "check the name, or set HF_TOKEN if it is private" if not token else "check the name and the token"
+        has_token = token or os.environ.get("HF_TOKEN")
+        hint = "check the name and the token" if has_token else "check the name, or set HF_TOKEN if it is private"
         raise ModelSourceError(f"model: repo {ref.location} was not found on {where} ({hint})") from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        if _offline():
             raise ModelSourceError(f"model: {ref} is not in the cache and HF_HUB_OFFLINE is set; download it first "
                                    "(flotilla download) or unset HF_HUB_OFFLINE") from e
         raise ModelSourceError(f"model: cannot reach {where} to download {ref} and it is not cached; check the "
@@ -125,23 +127,20 @@ def _fetch_s3(ref: ModelRef, download_dir: str | None, allow: list[str]) -> Path
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, _, prefix = ref.location.removeprefix("s3://").partition("/")
-    root = Path(download_dir) if download_dir else _default_cache() / "s3"
+    root = Path(download_dir) if download_dir else cache_root() / "s3"
     target = root / bucket / (prefix or "_")
     if (target / ".complete").exists():
         return target
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if _offline():
         raise ModelSourceError(f"model: {ref} is not in {root} and HF_HUB_OFFLINE is set; download it first")
     client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    listed = f"{prefix}/" if prefix else ""  # parse_model_uri has stripped any trailing slash
     try:
-        keys = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else ""):
-            keys += [obj["Key"] for obj in page.get("Contents", [])]
-        wanted = []
-        for key in keys:
-            rel = key[len(prefix.rstrip("/")) + 1:] if prefix else key
-            if rel and any(fnmatch(rel, p) for p in allow) and not any(fnmatch(rel, p) for p in IGNORE_PATTERNS):
-                wanted.append((key, rel))
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=listed)
+        rels = [obj["Key"][len(listed):] for page in pages for obj in page.get("Contents", [])]
+        wanted = [(listed + rel, rel) for rel in rels
+                  if rel and any(fnmatch(rel, p) for p in allow) and not any(fnmatch(rel, p) for p in IGNORE_PATTERNS)]
         if not wanted:
             raise ModelSourceError(f"model: nothing to serve under {ref} (no config or weights); check the prefix")
         for key, rel in wanted:
@@ -166,5 +165,12 @@ def _fetch_s3(ref: ModelRef, download_dir: str | None, allow: list[str]) -> Path
     return target
 
 
-def _default_cache() -> Path:
+def cache_root() -> Path:
+    """Flotilla's own cache (GGUF conversions, S3 downloads); FLOTILLA_CACHE overrides it."""
     return Path(os.environ.get("FLOTILLA_CACHE", Path.home() / ".cache" / "flotilla"))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)  # the hub client's own reading of HF_HUB_OFFLINE

@@ -60,7 +60,7 @@ def _ban_bad_words(row: torch.Tensor, request: Request) -> None:
     """Ban a bad word's last token when the tokens before it were just generated (vLLM's rule)."""
     out = request.output_token_ids
     banned = [ids[-1] for ids in request.sampling_params._bad_words_token_ids
-              if len(ids) == 1 or (len(out) >= len(ids) - 1 and tuple(out[len(out) - len(ids) + 1:]) == ids[:-1])]
+              if len(out) >= len(ids) - 1 and tuple(out[len(out) - len(ids) + 1:]) == ids[:-1]]
     if banned:
         row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
 

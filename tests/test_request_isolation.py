@@ -197,7 +197,6 @@ def test_a_dead_loop_fails_every_caller_and_calls_on_dead(tiny_llama):
                 pass
 
         tasks = [asyncio.create_task(consume(f"r{i}")) for i in range(2)]
-        await asyncio.sleep(0)
         while aengine.num_unfinished() < 2:
             await asyncio.sleep(0.01)
         gate.set()

@@ -28,7 +28,9 @@ stop kubelet
 # pods' sandboxes and containers (k8s.io namespace), their shims and network namespaces
 if ctr version > /dev/null 2>&1; then
   for t in $(ctr -n k8s.io tasks ls -q 2>/dev/null); do ctr -n k8s.io tasks kill -s KILL "$t" 2>/dev/null; done
-  sleep 1
+  for _ in $(seq 20); do  # until no task is still running (KILL is asynchronous)
+    ctr -n k8s.io tasks ls 2>/dev/null | awk 'NR > 1 && $3 == "RUNNING"' | grep -q . || break; sleep 0.5
+  done
   for t in $(ctr -n k8s.io tasks ls -q 2>/dev/null); do ctr -n k8s.io tasks delete -f "$t" 2>/dev/null; done
   for c in $(ctr -n k8s.io containers ls -q 2>/dev/null); do ctr -n k8s.io containers delete "$c" 2>/dev/null; done
 fi

@@ -43,7 +43,6 @@ class ServerState:
     served_model_names: list[str]
     model_path: str
     api_key: str | None = None
-    max_queue_len: int | None = None
     chat_template: str | None = None
     # vLLM's --trust-request-chat-template: a template in a request is code the server would run.
     trust_request_chat_template: bool = False
@@ -179,7 +178,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     def check_queue(engine: AsyncLLMEngine) -> None:
         """Early refusal before any work; the binding check is the engine's, made as the request queues."""
-        limit = state.max_queue_len
+        limit = engine.max_queue_len
         if limit is not None and engine.num_waiting() >= limit:
             raise _api_error_of(QueueFullError(limit))
 
