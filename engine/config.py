@@ -116,9 +116,15 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"
 
 
-def default_cpu_kvcache_gib(args: EngineArgs) -> float:
-    """KV-cache space on CPU: the argument, else VLLM_CPU_KVCACHE_SPACE (vLLM's knob), else 4 GiB."""
+def cpu_kvcache_gib_setting(args: EngineArgs) -> float | None:
+    """KV-cache space on CPU as configured: the argument, else VLLM_CPU_KVCACHE_SPACE (vLLM's knob), else None."""
     if args.cpu_kvcache_space_gib is not None:
         return args.cpu_kvcache_space_gib
     env = os.environ.get("FLOTILLA_CPU_KVCACHE_SPACE") or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    return float(env) if env else 4.0
+    return float(env) if env else None
+
+
+def default_cpu_kvcache_gib(args: EngineArgs) -> float:
+    """KV-cache space on CPU: the configured space, else 4 GiB (vLLM's default)."""
+    setting = cpu_kvcache_gib_setting(args)
+    return 4.0 if setting is None else setting

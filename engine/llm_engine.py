@@ -14,7 +14,9 @@ from typing import Any, Iterable, Union
 import torch
 
 from flotilla.engine.block_manager import BlockManager, SwapPool
-from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, default_cpu_kvcache_gib
+from flotilla.engine.config import (
+    CacheConfig, EngineArgs, SchedulerConfig, cpu_kvcache_gib_setting, default_cpu_kvcache_gib)
+from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, rss_bytes
 from flotilla.engine.detokenizer import IncrementalDetokenizer
 from flotilla.engine.model_loader import (
     config_dtype,
@@ -147,7 +149,12 @@ class LLMEngine:
                 raise ValueError("no GPU memory left for the KV cache: raise gpu_memory_utilization or use a "
                                  "smaller model / max_num_batched_tokens")
             return blocks
-        return max(int(default_cpu_kvcache_gib(args) * 2**30 // per_block), 1)
+        # On CPU the cache is host memory: under a container limit it takes what the limit leaves.
+        space = cpu_kv_cache_bytes(int(default_cpu_kvcache_gib(args) * 2**30),
+                                   explicit=cpu_kvcache_gib_setting(args) is not None,
+                                   limit=memory_limit_bytes(), used=rss_bytes(),
+                                   utilization=args.gpu_memory_utilization)
+        return max(space // per_block, 1)
 
     # ---- requests -----------------------------------------------------------------------------------
 

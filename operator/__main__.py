@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         peering_name=None if args.standalone else args.peering,
         priority=args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1),
         liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz",
+        memo=kopf.Memo(namespaces=tuple(args.namespace)),
     )
     return 0
 

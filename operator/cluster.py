@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 from flotilla.operator.render import GROUP, VERSION
 
@@ -20,11 +20,12 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, "inferenceservices", ("get", "list", "watch", "patch")),
     (GROUP, "inferenceservices/status", ("get", "patch")),
     (GROUP, "inferenceservices/scale", ("get", "patch")),
-    ("apps", "deployments", ("get", "list", "watch", "patch")),
-    ("", "services", ("get", "list", "watch", "patch")),
-    ("policy", "poddisruptionbudgets", ("get", "patch", "delete")),
-    ("autoscaling", "horizontalpodautoscalers", ("get", "patch", "delete")),
-    ("keda.sh", "scaledobjects", ("get", "patch", "delete")),
+    # create beside patch: a server-side apply that creates the object is authorized as both
+    ("apps", "deployments", ("get", "list", "watch", "patch", "create")),
+    ("", "services", ("get", "list", "watch", "patch", "create")),
+    ("policy", "poddisruptionbudgets", ("get", "patch", "create", "delete")),
+    ("autoscaling", "horizontalpodautoscalers", ("get", "patch", "create", "delete")),
+    ("keda.sh", "scaledobjects", ("get", "patch", "create", "delete")),
     ("", "pods", ("get", "list", "watch")),
     ("", "configmaps", ("get",)),
     ("", "nodes", ("list",)),
@@ -32,9 +33,20 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("events.k8s.io", "events", ("create", "patch")),
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
     ("", "namespaces", ("list", "watch")),
-    ("kopf.dev", "clusterkopfpeerings", ("get", "list", "watch", "patch")),
-    ("kopf.dev", "kopfpeerings", ("get", "list", "watch", "patch")),
+    # create: the operator makes its own peering object at startup (handlers.ensure_peering)
+    ("kopf.dev", "clusterkopfpeerings", ("get", "list", "watch", "patch", "create")),
+    ("kopf.dev", "kopfpeerings", ("get", "list", "watch", "patch", "create")),
 )
+
+
+def peering_objects(name: str, namespaces: Sequence[str]) -> list[dict[str, Any]]:
+    """The kopf peering objects replicas named `name` meet in: one ClusterKopfPeering when they watch
+    every namespace, else one KopfPeering in each watched namespace."""
+    meta = {"name": name, "labels": {"app.kubernetes.io/part-of": "flotilla"}}
+    if not namespaces:
+        return [{"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": meta}]
+    return [{"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {**meta, "namespace": ns}}
+            for ns in namespaces]
 
 
 class KindNotInstalled(Exception):

@@ -19,7 +19,7 @@ import kopf
 from flotilla.operator import metrics
 from flotilla.operator.autoscaler import (
     decide, fleet_status, history_from_status, history_to_status, scrape_all)
-from flotilla.operator.cluster import PLURAL, ApiError, KubeCluster, NotFound
+from flotilla.operator.cluster import PLURAL, ApiError, KindNotInstalled, KubeCluster, NotFound, peering_objects
 from flotilla.operator.reconcile import Outcome, reconcile
 from flotilla.operator.render import GROUP, KIND, MANAGED_BY, PORT, VERSION, selector_labels
 from flotilla.operator.settings import OperatorSettings
@@ -46,6 +46,20 @@ def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.batching.worker_limit = 32
     memo.cluster = KubeCluster()
+
+
+@kopf.on.startup()
+def ensure_peering(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    """Create the peering object the replicas elect through, when it is missing. Shipping it in the
+    manifests instead breaks the first `kubectl apply -k` (a custom object in the same apply as its CRD is
+    refused), and kopf with a mandatory peering but no such object waits silently, acting never."""
+    if settings.peering.standalone or not settings.peering.name:
+        return
+    try:
+        for obj in peering_objects(settings.peering.name, memo.namespaces):
+            memo.cluster.apply(obj)
+    except KindNotInstalled as e:  # the kopf peering CRDs are installed in the same apply: not served yet
+        raise kopf.TemporaryError(f"{e}; install crds/ (kubectl apply -k manifests/)", delay=2) from None
 
 
 def _post(body: Any, outcome: Outcome, only_new: bool) -> None:

@@ -24,7 +24,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
@@ -65,9 +65,9 @@ def free_port() -> int:
 
 # --- certificates -----------------------------------------------------------------------------------
 
-def _write_pki(folder: Path) -> None:
-    """A CA, a serving cert for 127.0.0.1/localhost signed by it, and the service-account key pair
-    (with the openssl command line: the test environment need not carry a crypto package)."""
+def _write_pki(folder: Path, extra_ips: tuple[str, ...] = ()) -> None:
+    """A CA, a serving cert for 127.0.0.1/localhost (and `extra_ips`) signed by it, and the service-account key
+    pair (with the openssl command line: the test environment need not carry a crypto package)."""
     def openssl(*args: str) -> None:
         done = subprocess.run(["openssl", *args], cwd=folder, capture_output=True, text=True)
         if done.returncode != 0:
@@ -79,7 +79,7 @@ def _write_pki(folder: Path) -> None:
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
             "-subj", "/CN=kube-apiserver")
     (folder / "apiserver.ext").write_text(
-        "subjectAltName=DNS:localhost,DNS:kubernetes.default.svc,IP:127.0.0.1\n"
+        f"subjectAltName=DNS:localhost,DNS:kubernetes.default.svc,IP:127.0.0.1{''.join(',IP:' + ip for ip in extra_ips)}\n"
         "extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n")
     openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "apiserver.crt", "-days", "2", "-extfile", "apiserver.ext")
@@ -97,6 +97,22 @@ def write_kubeconfig(path: Path, server: str, ca_file: Path, user: str, token: s
     }
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll until `check()` returns something truthy; return it."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as e:  # noqa: BLE001  (an object not there yet reads as 'not yet')
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
 
 
 # --- processes --------------------------------------------------------------------------------------

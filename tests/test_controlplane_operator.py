@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-from controlplane import ControlPlane, die_with_parent, control_plane, free_port  # noqa: F401  (fixture)
+from controlplane import ControlPlane, die_with_parent, control_plane, free_port, wait_for  # noqa: F401  (fixture)
 from flotilla.operator.render import GROUP, VERSION, render_children
 from flotilla.operator.spec import parse_service
 from operator_fixtures.oracle import admit
@@ -27,22 +27,6 @@ pytestmark = pytest.mark.controlplane
 PLURAL = "inferenceservices"
 NS = "flotilla-it"
 IMAGE = "registry.local/engine:it"
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll until `check()` returns something truthy; return it."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as e:  # noqa: BLE001  (an object not there yet reads as 'not yet')
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
 
 
 # --- clients ----------------------------------------------------------------------------------------
@@ -395,9 +379,7 @@ def _acted(op: Operator, since: int = 0) -> bool:
 
 def test_two_replicas_with_peering_only_one_acts(control_plane, kube, operator):  # noqa: F811
     operator.stop()  # the standalone one would act regardless of peering
-    kube.custom.create_namespaced_custom_object("kopf.dev", "v1", NS, "kopfpeerings",
-                                                {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
-                                                 "metadata": {"name": "flotilla"}})
+    # No KopfPeering object exists: the first replica creates it (with no object, kopf would wait forever).
     # POD_ID is kopf's peer identity (the pod name, in a cluster). A replica with --peering starts paused and
     # resumes only once it has read the peering object and found no live peer above it; so the higher one is
     # started first and shown active, and the lower one, starting after, can never act while it lives.

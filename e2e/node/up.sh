@@ -15,6 +15,7 @@ NBIN=$HOME/.cache/flotilla/node/bin
 NODE=flotilla-node
 NODE_IP=10.254.0.1     # a /32 on lo: kubelet refuses a loopback (127/8) node IP; the VM has no dummy driver
 ETCD_PORT=23790 PEER_PORT=23800 API_PORT=16443
+SERVICE_CIDR=10.0.0.0/24 KUBERNETES_SVC_IP=10.0.0.1   # the `kubernetes` Service takes the range's first IP
 mkdir -p "$W" "$L" "$V"
 
 spawn() {  # name binary args...: background, own session, log + pid file
@@ -40,13 +41,13 @@ echo 1 > /proc/sys/net/ipv4/ip_forward
 
 # --- PKI + tokens + kubeconfigs, with tests/controlplane.py's helpers -------------------------------------
 if [[ ! -f $W/ca.crt ]]; then
-  (cd "$REPO" && .venv/bin/python - "$W" "$API_PORT" <<'EOF'
+  (cd "$REPO" && .venv/bin/python - "$W" "$NODE_IP" "$API_PORT" "$KUBERNETES_SVC_IP" <<'EOF'
 import secrets, sys
 from pathlib import Path
 from tests.controlplane import _write_pki, write_kubeconfig
-w, port = Path(sys.argv[1]), sys.argv[2]
-_write_pki(w)
-server = f"https://127.0.0.1:{port}"
+w, node_ip, port, svc_ip = Path(sys.argv[1]), *sys.argv[2:]
+_write_pki(w, extra_ips=(node_ip, svc_ip))  # pods reach the apiserver as the `kubernetes` Service's ClusterIP
+server = f"https://{node_ip}:{port}"
 users = {  # kubeconfig name: (user, groups)
     "admin": ("admin", "system:masters"),
     "kcm": ("system:kube-controller-manager", "system:masters"),
@@ -73,14 +74,13 @@ spawn etcd "$CPBIN/etcd" --name=default --data-dir="$V/etcd" \
 wait_for etcd 60 curl -sf $etcd_url/health
 
 spawn kube-apiserver "$CPBIN/kube-apiserver" --etcd-servers=$etcd_url \
-  --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port=$API_PORT \
+  --bind-address=$NODE_IP --advertise-address=$NODE_IP --secure-port=$API_PORT \
   --tls-cert-file="$W/apiserver.crt" --tls-private-key-file="$W/apiserver.key" \
   --client-ca-file="$W/ca.crt" --token-auth-file="$W/tokens.csv" \
   --service-account-key-file="$W/sa.pub" --service-account-signing-key-file="$W/sa.key" \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-  --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
+  --service-cluster-ip-range=$SERVICE_CIDR --allow-privileged=true \
   --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
-  --disable-admission-plugins=ServiceAccount \
   --kubelet-preferred-address-types=InternalIP \
   --cert-dir="$W/certs" --v=1
 wait_for kube-apiserver 90 "$CPBIN/kubectl" --kubeconfig "$W/admin.kubeconfig" get --raw /readyz
@@ -102,8 +102,19 @@ if ! { [[ -S /run/containerd/containerd.sock ]] && ctr version > /dev/null 2>&1;
   spawn containerd containerd --config "$W/containerd.toml"
   wait_for containerd 30 test -S /run/containerd/containerd.sock
 fi
-ctr -n k8s.io images ls -q | grep -q '^registry.k8s.io/pause:3.10$' || ctr -n k8s.io images import "$D/pause.oci.tar"
-[[ -f $D/pyhttp.oci.tar ]] && { ctr -n k8s.io images ls -q | grep -q '^docker.io/local/pyhttp:1$' || ctr -n k8s.io images import "$D/pyhttp.oci.tar"; }
+# images: the pause image and the project's own (build-images.sh, build-project-images.sh), each imported once
+# per build (a marker in containerd's own root, which holds the images)
+mkdir -p "$V/containerd/flotilla-imported"
+for archive in "$D/pause.oci.tar" "$D"/images/*.tar; do
+  marker=$V/containerd/flotilla-imported/$(basename "$archive").stamp
+  stamp=$(stat -c %Y-%s "$archive")
+  if [[ $(cat "$marker" 2>/dev/null) != "$stamp" ]]; then
+    t=$SECONDS
+    ctr -n k8s.io images import "$archive" > /dev/null
+    echo "$stamp" > "$marker"
+    echo "imported $(basename "$archive") in $((SECONDS - t))s"
+  fi
+done
 
 # --- kubelet ---------------------------------------------------------------------------------------
 cat > "$W/kubelet.yaml" <<EOF
