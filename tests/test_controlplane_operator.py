@@ -135,8 +135,10 @@ def operator(control_plane: ControlPlane, kube: Kube):  # noqa: F811
 
 
 def cpu_service(name: str, replicas: int = 2, **engine: Any) -> dict[str, Any]:
-    """The CPU sample under another name: no GPUs, so the fit check needs no nodes."""
+    """The CPU sample under another name: no GPUs, so the fit check needs no nodes. Without its spec.image, so
+    that the operator's default (FLOTILLA_ENGINE_IMAGE) applies."""
     body = copy.deepcopy(next(b for n, b in sample_services() if n == "smollm2-cpu.yaml"))
+    body["spec"].pop("image", None)
     body["metadata"] = {"name": name, "namespace": NS}
     body["spec"]["replicas"] = replicas
     body["spec"]["engine"].update(engine)
