@@ -117,14 +117,10 @@ class SchedulerConfig:
 
 
 def cpu_kvcache_gib_setting(args: EngineArgs) -> float | None:
-    """KV-cache space on CPU as configured: the argument, else VLLM_CPU_KVCACHE_SPACE (vLLM's knob), else None."""
+    """KV-cache space on CPU as configured: the argument, else VLLM_CPU_KVCACHE_SPACE (vLLM's knob), else None
+    (then ``host_memory.cpu_kv_cache_bytes`` picks it)."""
     if args.cpu_kvcache_space_gib is not None:
         return args.cpu_kvcache_space_gib
     env = os.environ.get("FLOTILLA_CPU_KVCACHE_SPACE") or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     return float(env) if env else None
 
-
-def default_cpu_kvcache_gib(args: EngineArgs) -> float:
-    """KV-cache space on CPU: the configured space, else 4 GiB (vLLM's default)."""
-    setting = cpu_kvcache_gib_setting(args)
-    return 4.0 if setting is None else setting

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+DEFAULT_CPU_KV_CACHE_BYTES = 4 * 2**30  # vLLM's VLLM_CPU_KVCACHE_SPACE default
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a page-rounded 2^63-1
 
 
@@ -35,18 +36,18 @@ def rss_bytes() -> int:
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def cpu_kv_cache_bytes(requested: int, explicit: bool, limit: int | None, used: int,
-                       utilization: float) -> int:
-    """Bytes for the KV cache on CPU. `requested` is the configured space (vLLM's VLLM_CPU_KVCACHE_SPACE, 4 GiB
-    by default); under a memory limit the default shrinks to what is left of `limit × utilization` once the
-    process uses `used`. An `explicit` request is the operator's word and kept as given. Raises ValueError
-    when the limit leaves nothing for the cache."""
-    if limit is None or explicit:
-        return requested
+def cpu_kv_cache_bytes(configured: int | None, limit: int | None, used: int, utilization: float) -> int:
+    """Bytes for the KV cache on CPU. A `configured` space (VLLM_CPU_KVCACHE_SPACE) is the user's word and kept
+    as given. Otherwise 4 GiB (vLLM's default), shrunk under a memory limit to what is left of
+    `limit × utilization` once the process uses `used`. Raises ValueError when the limit leaves nothing."""
+    if configured is not None:
+        return configured
+    if limit is None:
+        return DEFAULT_CPU_KV_CACHE_BYTES
     room = int(limit * utilization) - used
     if room <= 0:
         raise ValueError(
             f"no memory left for the KV cache: the container's limit is {limit / 2**30:.2f} GiB and the engine "
             f"already uses {used / 2**30:.2f} GiB (x{utilization:g} gpu_memory_utilization); raise the memory "
             "limit, or set VLLM_CPU_KVCACHE_SPACE")
-    return min(requested, room)
+    return min(DEFAULT_CPU_KV_CACHE_BYTES, room)

@@ -14,10 +14,9 @@ from typing import Any, Iterable, Union
 import torch
 
 from flotilla.engine.block_manager import BlockManager, SwapPool
-from flotilla.engine.config import (
-    CacheConfig, EngineArgs, SchedulerConfig, cpu_kvcache_gib_setting, default_cpu_kvcache_gib)
-from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, rss_bytes
+from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, cpu_kvcache_gib_setting
 from flotilla.engine.detokenizer import IncrementalDetokenizer
+from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, rss_bytes
 from flotilla.engine.model_loader import (
     config_dtype,
     generation_eos_ids,
@@ -150,10 +149,9 @@ class LLMEngine:
                                  "smaller model / max_num_batched_tokens")
             return blocks
         # On CPU the cache is host memory: under a container limit it takes what the limit leaves.
-        space = cpu_kv_cache_bytes(int(default_cpu_kvcache_gib(args) * 2**30),
-                                   explicit=cpu_kvcache_gib_setting(args) is not None,
-                                   limit=memory_limit_bytes(), used=rss_bytes(),
-                                   utilization=args.gpu_memory_utilization)
+        setting = cpu_kvcache_gib_setting(args)
+        space = cpu_kv_cache_bytes(None if setting is None else int(setting * 2**30), limit=memory_limit_bytes(),
+                                   used=rss_bytes(), utilization=args.gpu_memory_utilization)
         return max(space // per_block, 1)
 
     # ---- requests -----------------------------------------------------------------------------------

@@ -29,16 +29,16 @@ def test_no_cgroup_filesystem_means_no_limit(tmp_path):
 
 def test_default_space_shrinks_to_what_the_limit_leaves():
     # 3 GiB limit x 0.9, 1 GiB used: 1.7 GiB left, below the 4 GiB default
-    assert cpu_kv_cache_bytes(4 * GiB, False, 3 * GiB, 1 * GiB, 0.9) == int(3 * GiB * 0.9) - GiB
+    assert cpu_kv_cache_bytes(None, 3 * GiB, 1 * GiB, 0.9) == int(3 * GiB * 0.9) - GiB
     # a roomy limit keeps the default
-    assert cpu_kv_cache_bytes(4 * GiB, False, 64 * GiB, 1 * GiB, 0.9) == 4 * GiB
-    assert cpu_kv_cache_bytes(4 * GiB, False, None, 1 * GiB, 0.9) == 4 * GiB
+    assert cpu_kv_cache_bytes(None, 64 * GiB, 1 * GiB, 0.9) == 4 * GiB
+    assert cpu_kv_cache_bytes(None, None, 1 * GiB, 0.9) == 4 * GiB
 
 
 def test_an_explicit_space_is_kept_and_a_full_container_is_refused():
-    assert cpu_kv_cache_bytes(8 * GiB, True, 3 * GiB, 1 * GiB, 0.9) == 8 * GiB
+    assert cpu_kv_cache_bytes(8 * GiB, 3 * GiB, 1 * GiB, 0.9) == 8 * GiB
     with pytest.raises(ValueError, match="no memory left for the KV cache"):
-        cpu_kv_cache_bytes(4 * GiB, False, 1 * GiB, 1 * GiB, 0.9)
+        cpu_kv_cache_bytes(None, 1 * GiB, 1 * GiB, 0.9)
 
 
 def test_rss_is_this_process():

@@ -11,13 +11,11 @@ that failed) these tests FAIL with the reason: they never skip.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
