@@ -10,6 +10,7 @@ answers 503 forever.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -85,6 +86,8 @@ def _download_parser(sub: Any) -> argparse.ArgumentParser:
                                    "--to names, the same way `flotilla serve` does, and print the folder.")
     p.add_argument("model")
     _source_flags(p, "--to", "--download-dir")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write one JSON line here: the folder, its bytes and seconds, or the error")
     return p
 
 
@@ -97,15 +100,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def download(ns: argparse.Namespace) -> int:
-    from flotilla.engine.model_source import ModelSourceError, fetch, parse_model_uri
+    """Fetch as serve would; a GGUF file is also converted, so that a read-only shared cache holds everything
+    an engine reads. ``--report FILE`` gets one JSON line: the folder, its bytes and the seconds taken, or the
+    error (a loader Job points it at /dev/termination-log, where the operator reads it)."""
+    from flotilla.engine.model_source import ModelSourceError, fetch, parse_model_uri, size_bytes
 
+    started = time.monotonic()
     try:
-        folder = fetch(parse_model_uri(ns.model, ns.revision), ns.download_dir, ns.hf_token)
-    except ModelSourceError as e:
-        print(f"flotilla download: {e}", file=sys.stderr)
+        path = fetch(parse_model_uri(ns.model, ns.revision), ns.download_dir, ns.hf_token)
+        fetched = size_bytes(path)
+        if path.suffix == ".gguf":
+            from flotilla.engine.model_loader import convert_gguf
+
+            path = convert_gguf(path)
+    except (ModelSourceError, OSError) as e:
+        message = str(e) if isinstance(e, ModelSourceError) else f"model: {e}"
+        _report(ns.report, {"error": message})
+        print(f"flotilla download: {message}", file=sys.stderr)
         return 1
-    print(folder)
+    _report(ns.report, {"path": str(path), "bytes": fetched, "seconds": round(time.monotonic() - started, 1)})
+    print(path)
     return 0
+
+
+def _report(file: str | None, fields: dict[str, Any]) -> None:
+    if file:
+        with open(file, "w") as f:
+            f.write(json.dumps(fields) + "\n")
 
 
 def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:

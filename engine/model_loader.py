@@ -105,14 +105,13 @@ def resolve_model(model: str | None, load_format: str = "auto", revision: str | 
     if model is None or (model in _BUNDLED_ALIASES and not Path(model).exists()):
         model = bundled_model_path()
     ref = parse_model_uri(model, revision)
-    if ref.kind != "local":
-        folder = fetch(ref, download_dir, token, weights=load_format != "dummy")
-        return ModelSource(folder, "dummy" if load_format == "dummy" else "safetensors", ref.location)
-    path = Path(ref.location)
+    path = fetch(ref, download_dir, token, weights=load_format != "dummy")  # a local path as it is
     if path.is_file() and path.suffix == ".gguf":
         if load_format not in ("auto", "gguf"):
             raise ValueError(f"load_format {load_format!r} does not fit the GGUF file {model}")
         return ModelSource(convert_gguf(path), "safetensors", path.stem)
+    if ref.kind != "local":
+        return ModelSource(path, "dummy" if load_format == "dummy" else "safetensors", ref.location)
     if path.is_file() and path.name.endswith(".json"):
         if load_format != "dummy":
             raise ValueError("model: a config.json alone needs load_format='dummy'")
@@ -177,11 +176,10 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None, download_d
     from transformers import AutoTokenizer
 
     if tokenizer is not None:
-        path = Path(tokenizer)
+        path = fetch(parse_model_uri(tokenizer), download_dir, token, weights=False)  # a local path as it is
         if path.is_file() and path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(convert_gguf(path)))
-        folder = fetch(parse_model_uri(tokenizer), download_dir, token, weights=False)
-        return AutoTokenizer.from_pretrained(str(folder))
+            path = convert_gguf(path)
+        return AutoTokenizer.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(source.folder))
 
 

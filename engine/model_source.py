@@ -1,7 +1,8 @@
 """Where a model comes from: one resolver from a model argument to a local folder.
 
-``parse_model_uri`` is pure: it classifies the argument (an existing local path, ``hf://ORG/NAME[@REV]`` or a bare
-``ORG/NAME[@REV]``, ``s3://BUCKET/PREFIX``). ``fetch`` makes the weights local: through ``huggingface_hub`` for the
+``parse_model_uri`` is pure: it classifies the argument (an existing local path, ``hf://ORG/NAME[:GGUF][@REV]`` or a
+bare ``ORG/NAME[:GGUF][@REV]``, ``s3://BUCKET/PREFIX``). ``:GGUF`` picks one GGUF file of a repo that ships many: a
+quantization (``:Q4_K_M``) or a file name (``:model-Q4_K_M.gguf``). ``fetch`` makes the weights local: through ``huggingface_hub`` for the
 hub (its cache layout, file locks and ``HF_*`` settings, so several processes can share one cache and
 ``HF_HUB_OFFLINE=1`` reads only what is there) and ``boto3`` for S3. ``flotilla serve`` and ``flotilla download``
 both come through here, and loading starts only once this has finished or failed with a ``ModelSourceError`` whose
@@ -27,6 +28,8 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*
 IGNORE_PATTERNS = ["original/*", "consolidated*", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.onnx"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# ORG/NAME, then an optional :GGUF selector and an optional @REVISION (git refs cannot contain ':')
+_HF_ARG = re.compile(r"^(?P<repo>[^:@]+)(?::(?P<gguf>[^:@/]+))?(?:@(?P<revision>.+))?$")
 
 
 class ModelSourceError(Exception):
@@ -38,9 +41,18 @@ class ModelRef:
     kind: str  # "local" | "hf" | "s3"
     location: str  # a path, a repo id, or s3://bucket/prefix
     revision: str | None = None
+    gguf: str | None = None  # in a hub repo: a GGUF file name, or a quantization its file name ends with
 
     def __str__(self) -> str:
-        return self.location + (f"@{self.revision}" if self.revision else "")
+        return self.location + (f":{self.gguf}" if self.gguf else "") + (f"@{self.revision}" if self.revision else "")
+
+    def gguf_patterns(self) -> list[str]:
+        """File patterns that select this ref's GGUF file (as the hub client's allow_patterns)."""
+        if self.gguf is None:
+            return []
+        if self.gguf.endswith(".gguf"):
+            return [self.gguf]
+        return sorted({f"*{q}.gguf" for q in (self.gguf, self.gguf.upper(), self.gguf.lower())})
 
 
 def parse_model_uri(model: str, revision: str | None = None) -> ModelRef:
@@ -51,23 +63,25 @@ def parse_model_uri(model: str, revision: str | None = None) -> ModelRef:
         return ModelRef("s3", model.rstrip("/"))
     if Path(model).expanduser().exists() and not model.startswith("hf://"):
         return ModelRef("local", str(Path(model).expanduser()))
-    repo = model.removeprefix("hf://")
-    if "@" in repo:
-        repo, pinned = repo.split("@", 1)
+    parts = _HF_ARG.match(model.removeprefix("hf://"))
+    if parts is None or not _REPO_ID.match(parts["repo"]):
+        raise ModelSourceError(f"model: {model!r} is neither a local path, a Hugging Face repo id "
+                               "(ORG/NAME[:GGUF][@REV]) nor s3://BUCKET/PREFIX")
+    pinned = parts["revision"]
+    if pinned is not None:
         if revision is not None and revision != pinned:
             raise ModelSourceError(f"model: {model!r} pins revision {pinned!r} but --revision is {revision!r}")
         revision = pinned
-    if not _REPO_ID.match(repo):
-        raise ModelSourceError(f"model: {model!r} is neither a local path, a Hugging Face repo id (ORG/NAME[@REV]) "
-                               "nor s3://BUCKET/PREFIX")
-    return ModelRef("hf", repo, revision)
+    return ModelRef("hf", parts["repo"], revision, parts["gguf"])
 
 
 def fetch(ref: ModelRef, download_dir: str | None = None, token: str | None = None, weights: bool = True) -> Path:
-    """A local folder holding the model named by ``ref`` (downloaded when needed). ``weights=False`` fetches
-    configs and tokenizer only (``load_format="dummy"``)."""
+    """A local folder holding the model named by ``ref`` (downloaded when needed), or for a GGUF ref its one
+    ``.gguf`` file. ``weights=False`` fetches configs and tokenizer only (``load_format="dummy"``)."""
     if ref.kind == "local":
         return Path(ref.location)
+    if ref.gguf is not None:
+        return _one_gguf(ref, _fetch_hf(ref, download_dir, token, ref.gguf_patterns()))
     allow = ALLOW_PATTERNS if weights else [p for p in ALLOW_PATTERNS if p != "*.safetensors"]
     try:
         if ref.kind == "hf":
@@ -83,6 +97,18 @@ def fetch(ref: ModelRef, download_dir: str | None = None, token: str | None = No
         raise ModelSourceError(f"model: {ref} has no *.safetensors files (Flotilla does not load PyTorch .bin "
                                "pickles); use a repo or revision that ships safetensors")
     return folder
+
+
+def _one_gguf(ref: ModelRef, folder: Path) -> Path:
+    files = sorted(p for pattern in ref.gguf_patterns() for p in folder.glob(pattern))
+    if not files:
+        raise ModelSourceError(f"model: {ref.location} has no GGUF file matching {ref.gguf!r}; name one of its "
+                               ".gguf files or the quantization it ends with (ORG/NAME:Q4_K_M)")
+    if len(files) > 1:
+        names = ", ".join(p.name for p in files)
+        raise ModelSourceError(f"model: {ref.gguf!r} matches several GGUF files in {ref.location} ({names}); name "
+                               "one file (ORG/NAME:FILE.gguf); split GGUF files must be merged first (llama-gguf-split)")
+    return files[0]
 
 
 def _fetch_hf(ref: ModelRef, download_dir: str | None, token: str | None, allow: list[str]) -> Path:
@@ -163,6 +189,13 @@ def _fetch_s3(ref: ModelRef, download_dir: str | None, allow: list[str]) -> Path
     except OSError:  # another process finished first: theirs is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def size_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (hub snapshots are links into the blob store: followed)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def cache_root() -> Path:

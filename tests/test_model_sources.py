@@ -4,6 +4,7 @@ nothing Flotilla can load — each failure a non-zero exit with one line that sa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from flotilla.engine.model_source import ModelRef, ModelSourceError, parse_model_uri
 from hub_standin import HubStandIn, Repo
@@ -20,6 +22,7 @@ from server_process import ServerProcess
 REPO = "flotilla-test/tiny-llama"
 GATED = "flotilla-test/gated-llama"
 BIN_ONLY = "flotilla-test/bin-only"
+GGUF = "flotilla-test/smollm2-gguf"
 TOKEN = "hf_standin_secret"
 
 
@@ -34,7 +37,15 @@ def hub(tiny_llama, tmp_path_factory):
     bin_only = tmp_path_factory.mktemp("hub-bin-only")
     shutil.copy(tiny_llama / "config.json", bin_only / "config.json")
     (bin_only / "pytorch_model.bin").write_bytes(b"pickle")
+    # A GGUF repo as they come: several quantizations side by side (links to the bundled file stand in for them).
+    from flotilla.engine.model_loader import bundled_model_path
+
+    quants = tmp_path_factory.mktemp("hub-gguf")
+    for name in ("SmolLM2-135M-Instruct-Q4_1.gguf", "SmolLM2-135M-Instruct-Q8_0.gguf", "SmolLM2-1.7B-Q8_0.gguf"):
+        (quants / name).symlink_to(bundled_model_path())
+    (quants / "README.md").write_text("quantized with llama.cpp")
     standin = HubStandIn({
+        GGUF: Repo({"main": quants}),
         REPO: Repo({"main": public, "v1.0": tiny_llama}),
         GATED: Repo({"main": tiny_llama}, token=TOKEN),
         BIN_ONLY: Repo({"main": bin_only}),
@@ -65,12 +76,14 @@ def download(hub, *args: str, **env: str) -> subprocess.CompletedProcess:
     ("Qwen/Qwen2.5-0.5B", "abc123", ModelRef("hf", "Qwen/Qwen2.5-0.5B", "abc123")),
     ("s3://models/llama/8b/", None, ModelRef("s3", "s3://models/llama/8b")),
     ("/", None, ModelRef("local", "/")),
+    ("hf://org/x-GGUF:Q4_K_M@v2", None, ModelRef("hf", "org/x-GGUF", "v2", "Q4_K_M")),
+    ("org/x-GGUF:x-Q8_0.gguf", None, ModelRef("hf", "org/x-GGUF", None, "x-Q8_0.gguf")),
 ])
 def test_model_arguments_are_classified(arg, revision, expected):
     assert parse_model_uri(arg, revision) == expected
 
 
-@pytest.mark.parametrize("arg, revision", [("not a repo", None), ("a/b/c", None), ("org/name@v1", "v2"), ("s3://", None)])
+@pytest.mark.parametrize("arg, revision", [("not a repo", None), ("a/b/c", None), ("org/name@v1", "v2"), ("s3://", None), ("org/name:a/b.gguf", None)])
 def test_malformed_model_arguments_are_refused(arg, revision):
     with pytest.raises(ModelSourceError, match="^model: "):
         parse_model_uri(arg, revision)
@@ -107,6 +120,37 @@ def test_serve_a_pinned_repo_then_again_offline_from_the_cache(hub, tmp_path, ti
             assert hub.requests[before:] == []  # offline: not one request reached the hub
         else:
             assert any(m == "GET" and p.endswith("/model.safetensors") for m, p in hub.requests[before:])
+
+
+def test_a_gguf_repo_downloads_one_quantization_and_converts_it(hub, tmp_path, smollm2_dir):
+    from safetensors.torch import load_file
+
+    from flotilla.engine.model_loader import bundled_model_path
+
+    report = tmp_path / "report.json"
+    done = download(hub, GGUF + ":q4_1", "--to", str(tmp_path / "hub"), "--report", str(report),
+                    FLOTILLA_CACHE=str(tmp_path / "flotilla"))
+    assert done.returncode == 0, done.stderr
+    fetched = [p for m, p in hub.requests if m == "GET" and "/resolve/" in p and p.startswith(f"/{GGUF}/")]
+    assert [p.rsplit("/", 1)[-1] for p in fetched] == ["SmolLM2-135M-Instruct-Q4_1.gguf"]  # nothing else
+    facts = json.loads(report.read_text())
+    folder = Path(facts["path"])
+    assert folder == Path(done.stdout.strip().splitlines()[-1]) and folder.is_relative_to(tmp_path / "flotilla")
+    assert facts["bytes"] == Path(bundled_model_path()).stat().st_size and facts["seconds"] >= 0
+    # the same tensors as the conversion of the bundled file itself
+    ours, reference = load_file(folder / "model.safetensors"), load_file(smollm2_dir / "model.safetensors")
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+@pytest.mark.parametrize("selector, says", [
+    (":Q8_0", "matches several GGUF files"),
+    (":Q4_K_M", "has no GGUF file matching 'Q4_K_M'"),
+])
+def test_a_gguf_selector_that_is_not_one_file_says_how_to_name_one(hub, tmp_path, selector, says):
+    report = tmp_path / "report.json"
+    done = download(hub, GGUF + selector, "--to", str(tmp_path), "--report", str(report))
+    assert says in failure_line(done)
+    assert says in json.loads(report.read_text())["error"]
 
 
 def test_a_gated_repo_needs_hf_token(hub, tmp_path):
