@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from flotilla.engine.model_source import cache_root, fetch, parse_model_uri
+from flotilla.engine.model_source import cache_root, fetch, parse_model_uri, prebuilt_cache_roots
 from flotilla.engine.models.llama import MODEL_REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -45,15 +45,20 @@ def bundled_model_path() -> str:
     return str(files[0])
 
 
-def _gguf_cache_dir(gguf_path: Path) -> Path:
+def _gguf_cache_dir(gguf_path: Path, root: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    return root / "gguf" / f"{gguf_path.stem}-{key}"
 
 
 def convert_gguf(gguf_path: Path) -> Path:
-    """Dequantize a GGUF file to a Hugging Face folder (config, tokenizer, fp32 safetensors), once."""
-    target = _gguf_cache_dir(gguf_path)
+    """Dequantize a GGUF file to a Hugging Face folder (config, tokenizer, fp32 safetensors), once. A conversion
+    already in a prebuilt cache (FLOTILLA_CACHE_PREBUILT: read-only, such as the CPU image's bundled model) is
+    used as it is; new ones go to the writable cache_root()."""
+    for root in prebuilt_cache_roots():
+        if (_gguf_cache_dir(gguf_path, root) / ".complete").exists():
+            return _gguf_cache_dir(gguf_path, root)
+    target = _gguf_cache_dir(gguf_path, cache_root())
     if (target / ".complete").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -203,6 +203,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("FLOTILLA_CACHE", Path.home() / ".cache" / "flotilla"))
 
 
+def prebuilt_cache_roots() -> list[Path]:
+    """Read-only caches filled ahead of time (os.pathsep-separated FLOTILLA_CACHE_PREBUILT), looked in first."""
+    return [Path(p) for p in os.environ.get("FLOTILLA_CACHE_PREBUILT", "").split(os.pathsep) if p]
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 

@@ -26,6 +26,8 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("policy", "poddisruptionbudgets", ("get", "patch", "create", "delete")),
     ("autoscaling", "horizontalpodautoscalers", ("get", "patch", "create", "delete")),
     ("keda.sh", "scaledobjects", ("get", "patch", "create", "delete")),
+    # the shared model cache's loader Jobs (model_cache.py): created once, owners added, failed ones replaced
+    ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),
     ("", "pods", ("get", "list", "watch")),
     ("", "configmaps", ("get",)),
     ("", "nodes", ("list",)),
@@ -69,6 +71,7 @@ class Cluster(Protocol):
     """What reconciliation needs from the API server."""
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+    def share(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]: ...
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
     def config_map_json(self, namespace: str, name: str, key: str) -> dict[str, Any]: ...
@@ -132,6 +135,26 @@ class KubeCluster:
                             force_conflicts=True)
         return result.to_dict()
 
+    def share(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """An object several InferenceServices share (a loader Job): created from `obj` when missing; when it
+        exists, only `obj`'s owner reference is added to it (strategic merge keyed by uid keeps the others),
+        and nothing else is changed, as the first creator's spec is the one that runs."""
+        resource = self._resource(obj["apiVersion"], obj["kind"])
+        meta = obj["metadata"]
+        try:
+            return self._call(resource.create, body=dict(obj), namespace=meta.get("namespace")).to_dict()
+        except ApiError as e:
+            if not str(e).startswith("409"):
+                raise
+        current = self._call(resource.get, name=meta["name"], namespace=meta.get("namespace")).to_dict()
+        have = {r.get("uid") for r in current["metadata"].get("ownerReferences") or ()}
+        missing = [r for r in meta.get("ownerReferences") or () if r["uid"] not in have]
+        if not missing:
+            return current
+        return self._call(resource.patch, body={"metadata": {"ownerReferences": missing}}, name=meta["name"],
+                          namespace=meta.get("namespace"),
+                          content_type="application/strategic-merge-patch+json").to_dict()
+
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
         resource = self._resource(api_version, kind)
         return self._call(resource.get, name=name, namespace=namespace).to_dict()
@@ -139,7 +162,9 @@ class KubeCluster:
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:
             resource = self._resource(api_version, kind)
-            self._call(resource.delete, name=name, namespace=namespace)
+            # Background: dependents (a Job's pods) go too; a Job's own default would orphan them.
+            self._call(resource.delete, name=name, namespace=namespace,
+                       body={"propagationPolicy": "Background"})
         except (KindNotInstalled, NotFound):
             pass  # nothing to delete
 

@@ -201,8 +201,8 @@ def startup_budget_seconds(svc: InferenceService, config: Mapping[str, Any] | No
     weights = model_weight_bytes(svc, config)
     if weights is None:
         return STARTUP_UNKNOWN_SECONDS
-    source = svc.model.source
-    # A model cache turns every load after the first into a disk read; the first still downloads,
-    # so the budget stays that of the download.
+    # With a shared model cache the loader Job has downloaded the weights before any engine pod starts: the pod
+    # reads them from the claim. Without one, every pod downloads them itself, and its budget includes that.
+    source = "pvc" if svc.model_cache else svc.model.source
     seconds = STARTUP_BASE_SECONDS + weights / _LOAD_BYTES_PER_SECOND[source]
     return int(min(math.ceil(seconds), STARTUP_MAX_SECONDS))

@@ -1,8 +1,8 @@
 """kopf handlers: thin glue from cluster events to `reconcile` and the autoscaler.
 
 - create / update (spec) / resume of an InferenceService -> reconcile, status, events;
-- any event on a Deployment or Service the operator manages -> reconcile its owner (drift repair,
-  fresh readiness in status);
+- any event on a Deployment, Service or loader Job the operator manages -> reconcile its owners (drift
+  repair, fresh readiness and cache state in status);
 - a timer per InferenceService -> reconcile again (level-triggered safety net), scrape the engines,
   put KV usage and engine facts in status and, in builtin mode, scale.
 """
@@ -94,24 +94,25 @@ def on_spec(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> None:
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 def on_child(body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any) -> None:
-    owner = next((r for r in body.get("metadata", {}).get("ownerReferences") or ()
-                  if r.get("kind") == KIND and r.get("controller")), None)
-    if owner is None:
-        return
+    """Reconcile the owner of a changed child; a shared loader Job has one owner per InferenceService using it."""
     cluster, namespace = _cluster(memo), body["metadata"]["namespace"]
-    try:
-        service = cluster.get_service(namespace, owner["name"])
-    except (NotFound, ApiError):
-        return  # the owner is gone (garbage collection follows) or unreadable (the timer retries)
-    if service["metadata"].get("deletionTimestamp"):
-        return
-    outcome = reconcile(service, cluster, SETTINGS, _now())
-    try:
-        cluster.patch_status(namespace, owner["name"], outcome.status)
-    except (NotFound, ApiError) as e:
-        logger.warning("status of %s/%s not written: %s", namespace, owner["name"], e)
-    _post(service, outcome, only_new=True)
+    for owner in body.get("metadata", {}).get("ownerReferences") or ():
+        if owner.get("kind") != KIND:
+            continue
+        try:
+            service = cluster.get_service(namespace, owner["name"])
+        except (NotFound, ApiError):
+            continue  # the owner is gone (garbage collection follows) or unreadable (the timer retries)
+        if service["metadata"].get("deletionTimestamp"):
+            continue
+        outcome = reconcile(service, cluster, SETTINGS, _now())
+        try:
+            cluster.patch_status(namespace, owner["name"], outcome.status)
+        except (NotFound, ApiError) as e:
+            logger.warning("status of %s/%s not written: %s", namespace, owner["name"], e)
+        _post(service, outcome, only_new=True)
 
 
 def _ready_pods(pods: list[dict[str, Any]]) -> tuple[list[str], int]:

@@ -11,7 +11,8 @@ from typing import Any, Mapping
 
 from flotilla.operator import fit
 from flotilla.operator.cluster import ApiError, Cluster, KindNotInstalled, NotFound, label_selector
-from flotilla.operator.render import render_children, selector_labels
+from flotilla.operator.model_cache import LOADER_LABEL, CacheState, cache_state, needs_loader
+from flotilla.operator.render import render_children, render_loader_job, selector_labels
 from flotilla.operator.settings import OperatorSettings
 from flotilla.operator.spec import InferenceService, SpecError, parse_service
 from flotilla.operator.status import DeploymentState, Observation, pod_problems, status_patch
@@ -56,6 +57,7 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
     previous = (body.get("status") or {}).get("conditions") or ()
     generation = int((body.get("metadata") or {}).get("generation") or 0)
     namespace = (body.get("metadata") or {}).get("namespace", "default")
+    cache: CacheState | None = None  # the shared model cache's state, once known
 
     def finish(svc: InferenceService | None, deployment: Mapping[str, Any] | None,
                problem: tuple[str, str] | None, desired: int) -> Outcome:
@@ -69,7 +71,7 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
                 problems = ()
         selector = label_selector(selector_labels(svc)) if svc else ""
         endpoint = svc.endpoint if svc else ""
-        out.status.update(status_patch(Observation(generation, desired, state, problems, problem),
+        out.status.update(status_patch(Observation(generation, desired, state, problems, problem, cache),
                                        previous, now, endpoint, selector))
         return out
 
@@ -103,13 +105,22 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
         out.events.append(Event("Warning", "TightFit", report.message))
 
     children = render_children(svc, config, settings.prometheus_address)
+    objects, absent = children.objects, children.absent
     deployment = None
     try:
-        for obj in children.objects:
+        if needs_loader(svc):
+            cache = _model_cache(svc, cluster, now)
+            if cache.phase == "Failed":
+                out.events.append(Event("Warning", "ModelCacheFailed", cache.message))
+            if not cache.ready:
+                # Engine pods start only from a filled cache; a fleet already running keeps serving meanwhile.
+                objects, absent = tuple(o for o in objects if o["kind"] == "Service"), ()
+                deployment = _current_deployment(svc, cluster)
+        for obj in objects:
             applied = cluster.apply(obj)
             if obj["kind"] == "Deployment":
                 deployment = applied
-        for api_version, kind in children.absent:
+        for api_version, kind in absent:
             cluster.delete(api_version, kind, svc.namespace, svc.name)
     except KindNotInstalled as e:
         return fail(svc, deployment, "KindNotInstalled", f"{e}; install it or choose another autoscaling.mode",
@@ -117,6 +128,18 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
     except (ApiError, NotFound) as e:
         return fail(svc, deployment, "ApplyFailed", str(e), getattr(e, "permanent", False), 15)
     return finish(svc, deployment, None, svc.desired_replicas)
+
+
+def _model_cache(svc: InferenceService, cluster: Cluster, now: str) -> CacheState:
+    """Make sure the loader Job for this service's model exists and lists this service among its owners; read
+    where it stands. A Job that failed for good long enough ago is replaced by a fresh one."""
+    job = render_loader_job(svc)
+    name = job["metadata"]["name"]
+    state = cache_state(name, cluster.share(job), cluster.pods(svc.namespace, {LOADER_LABEL: name}), now)
+    if state.retry:
+        cluster.delete("batch/v1", "Job", svc.namespace, name)
+        state = cache_state(name, cluster.share(job), [], now)
+    return state
 
 
 def _current_deployment(svc: InferenceService, cluster: Cluster) -> dict[str, Any] | None:

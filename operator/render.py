@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from flotilla.operator import model_cache
 from flotilla.operator.fit import startup_budget_seconds
 from flotilla.operator.quantity import format_bytes, quantity_bytes
 from flotilla.operator.spec import InferenceService
@@ -52,10 +53,11 @@ def labels(svc: InferenceService) -> dict[str, str]:
     }
 
 
-def owner_reference(svc: InferenceService) -> dict[str, Any]:
-    """Children are garbage-collected with their InferenceService."""
+def owner_reference(svc: InferenceService, controller: bool = True) -> dict[str, Any]:
+    """Children are garbage-collected with their InferenceService. A shared object (the loader Job) has one
+    non-controller reference per InferenceService and goes with the last of them."""
     return {"apiVersion": API_VERSION, "kind": KIND, "name": svc.name, "uid": svc.uid,
-            "controller": True, "blockOwnerDeletion": True}
+            "controller": controller, "blockOwnerDeletion": controller}
 
 
 def _metadata(svc: InferenceService) -> dict[str, Any]:
@@ -127,23 +129,39 @@ def _resources(svc: InferenceService, shm: int) -> dict[str, Any]:
     return out
 
 
+def _credentials_env(svc: InferenceService) -> list[dict[str, Any]]:
+    """Each key the credentials Secret has becomes the variable the hub or S3 client reads (missing keys are
+    skipped); from the Secret, never in args: args show up in `kubectl describe` and `ps`."""
+    if not svc.model.credentials_secret_ref:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {
+        "name": svc.model.credentials_secret_ref, "key": key, "optional": True}}} for key in CREDENTIAL_KEYS]
+
+
+def _shared_cache_env(offline: bool) -> list[dict[str, Any]]:
+    """The claim's layout: the hub's cache and Flotilla's own (S3 downloads, GGUF conversions)."""
+    env = [{"name": "HF_HUB_CACHE", "value": model_cache.HUB_CACHE},
+           {"name": "FLOTILLA_CACHE", "value": model_cache.FLOTILLA_CACHE}]
+    return env + ([{"name": "HF_HUB_OFFLINE", "value": "1"}] if offline else [])
+
+
 def _env(svc: InferenceService) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         # Read-only root filesystem: everything that caches (HF hub, Triton, torch) goes under /cache.
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
+        {"name": "FLOTILLA_CACHE", "value": f"{CACHE_MOUNT}/flotilla"},
         {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_MOUNT}/triton"},
     ]
+    if svc.model_cache:
+        # The weights are in the shared claim already (the loader Job put them there, or the user did): read
+        # them from there and never reach for the network.
+        env = [e for e in env if e["name"] != "FLOTILLA_CACHE"] + _shared_cache_env(offline=True)
     if svc.api_key_secret_ref:
-        # From the Secret, never in args: args show up in `kubectl describe` and `ps`.
         ref = svc.api_key_secret_ref
         env.append({"name": "FLOTILLA_API_KEY",
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    if svc.model.credentials_secret_ref:
-        # Each key the Secret has becomes the variable the hub or S3 client reads; missing keys are skipped.
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {
-            "name": svc.model.credentials_secret_ref, "key": key, "optional": True}}} for key in CREDENTIAL_KEYS]
-    return env + [dict(e) for e in svc.env]
+    return env + _credentials_env(svc) + [dict(e) for e in svc.env]
 
 
 def _volumes(svc: InferenceService, shm: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -156,11 +174,11 @@ def _volumes(svc: InferenceService, shm: int) -> tuple[list[dict[str, Any]], lis
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "cache", "mountPath": CACHE_MOUNT},
     ]
+    volumes.append({"name": "cache", "emptyDir": {}})
     if svc.model_cache:
-        volumes.append({"name": "cache", "persistentVolumeClaim": {
-            "claimName": svc.model_cache.claim_name, "readOnly": svc.model_cache.read_only}})
-    else:
-        volumes.append({"name": "cache", "emptyDir": {}})
+        volumes.append({"name": "model-cache", "persistentVolumeClaim": {
+            "claimName": svc.model_cache.claim_name, "readOnly": True}})
+        mounts.append({"name": "model-cache", "mountPath": model_cache.MOUNT, "readOnly": True})
     if svc.model.source == "pvc":
         claim, _ = svc.model.pvc_claim_and_path
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
@@ -246,6 +264,60 @@ def render_deployment(svc: InferenceService, config: Mapping[str, Any] | None = 
                 "spec": pod_spec,
             },
         },
+    }
+
+
+def render_loader_job(svc: InferenceService) -> dict[str, Any]:
+    """The Job that downloads the model into the shared cache claim, once for every InferenceService that serves
+    the same model from the same claim (see model_cache). Its pod template never changes after creation (a Job's
+    template is immutable), so the first InferenceService to need it decides its image and environment."""
+    assert svc.model_cache is not None
+    name = model_cache.loader_job_name(svc)
+    labels_ = {"app.kubernetes.io/name": "flotilla-model-loader", "app.kubernetes.io/component": "model-loader",
+               "app.kubernetes.io/part-of": "flotilla", "app.kubernetes.io/managed-by": MANAGED_BY,
+               model_cache.LOADER_LABEL: name}
+    args = ["download", svc.model.uri]
+    if svc.model.revision:
+        args += ["--revision", svc.model.revision]
+    container = {
+        "name": "download",
+        "image": svc.image,
+        "command": ["flotilla"],
+        "args": args + ["--report", "/dev/termination-log"],
+        # HF_ENDPOINT (a mirror), proxies and the like come from the service's env, as for the engine.
+        "env": [{"name": "HOME", "value": "/tmp"}, *_shared_cache_env(offline=False), *_credentials_env(svc),
+                *[dict(e) for e in svc.env]],
+        # The report is the termination message; a crash before it leaves the log's tail there instead.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+        "volumeMounts": [{"name": "model-cache", "mountPath": model_cache.MOUNT},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # each attempt a new pod, with its own termination message
+        "containers": [container],
+        "volumes": [{"name": "model-cache", "persistentVolumeClaim": {"claimName": svc.model_cache.claim_name}},
+                    {"name": "tmp", "emptyDir": {}}],
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    for key, value in (("nodeSelector", dict(svc.node_selector)), ("tolerations", [dict(t) for t in svc.tolerations]),
+                       ("affinity", dict(svc.affinity or {}))):
+        if value:
+            pod_spec[key] = value
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": svc.namespace, "labels": labels_,
+                     "annotations": {"flotilla.dev/model": svc.model.uri,
+                                     "flotilla.dev/revision": svc.model.revision or "",
+                                     "flotilla.dev/claim": svc.model_cache.claim_name},
+                     "ownerReferences": [owner_reference(svc, controller=False)]},
+        "spec": {"backoffLimit": model_cache.BACKOFF_LIMIT,
+                 "template": {"metadata": {"labels": labels_}, "spec": pod_spec}},
     }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
+from flotilla.operator.model_cache import CacheState
+
 #: Container waiting reasons that will not fix themselves; a pod stuck in one degrades the service.
 STUCK_REASONS = frozenset({"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                            "CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
@@ -81,6 +83,12 @@ class Observation:
     problems: tuple[PodProblem, ...] = ()
     #: A reason the current spec was not rolled out (InvalidSpec, DoesNotFit, ApplyFailed ...).
     spec_problem: tuple[str, str] | None = None
+    #: The shared model cache, when a loader Job fills one; the spec rolls out once it is ready.
+    model_cache: CacheState | None = None
+
+    @property
+    def waiting_for_cache(self) -> bool:
+        return self.model_cache is not None and not self.model_cache.ready
 
 
 def _progressing(o: Observation) -> tuple[str, str, str]:
@@ -88,6 +96,9 @@ def _progressing(o: Observation) -> tuple[str, str, str]:
     if o.spec_problem:
         reason, message = o.spec_problem
         return "False", reason, f"generation {o.generation} not rolled out: {message}"
+    if o.waiting_for_cache:
+        c = o.model_cache
+        return "True", "WaitingForModelCache", f"engine pods start once the model is cached ({c.phase}: {c.message})"
     if d is None:
         return "True", "Creating", "creating the engine Deployment"
     status, reason, message = d.conditions.get("Progressing", ("Unknown", "", ""))
@@ -113,6 +124,8 @@ def _ready(o: Observation) -> tuple[str, str, str]:
         return "False", "ScaledToZero", "replicas is 0"
     if o.spec_problem and d is None:
         return "False", o.spec_problem[0], o.spec_problem[1]
+    if o.waiting_for_cache and d is None:
+        return "False", "WaitingForModelCache", f"the model is not cached yet ({o.model_cache.message})"
     if o.problems:
         p = o.problems[0]
         return "False", p.reason, f"pod {p.pod}: {p.message}".rstrip(": ")
@@ -124,6 +137,8 @@ def _ready(o: Observation) -> tuple[str, str, str]:
 def _degraded(o: Observation) -> tuple[str, str, str]:
     if o.spec_problem:
         return "True", o.spec_problem[0], o.spec_problem[1]
+    if o.model_cache is not None and o.model_cache.phase == "Failed":
+        return "True", "ModelCacheFailed", o.model_cache.message
     if o.problems:
         p = o.problems[0]
         more = f" (and {len(o.problems) - 1} more)" if len(o.problems) > 1 else ""
@@ -141,8 +156,11 @@ def compute_conditions(o: Observation, previous: Iterable[Mapping[str, Any]], no
     keeps its previous lastTransitionTime."""
     before = {c.get("type"): c for c in previous}
     out = []
-    for ctype, (status, reason, message) in (("Ready", _ready(o)), ("Progressing", _progressing(o)),
-                                             ("Degraded", _degraded(o))):
+    found = [("Ready", _ready(o)), ("Progressing", _progressing(o)), ("Degraded", _degraded(o))]
+    if o.model_cache is not None:
+        c = o.model_cache
+        found.append(("ModelCached", ("True" if c.ready else "False", c.phase, c.message)))
+    for ctype, (status, reason, message) in found:
         prev = before.get(ctype)
         since = prev.get("lastTransitionTime", now) if prev and prev.get("status") == status else now
         out.append(Condition(ctype, status, reason or ctype, message, since, o.generation))
@@ -154,7 +172,9 @@ def status_patch(o: Observation, previous_conditions: Iterable[Mapping[str, Any]
     """The status fields owned by reconciliation (the autoscaler owns its own fields)."""
     conditions = compute_conditions(o, previous_conditions, now)
     d = o.deployment
+    cache = {"modelCache": o.model_cache.status()} if o.model_cache is not None else {}
     return {
+        **cache,
         "observedGeneration": o.generation,
         "replicas": d.replicas if d else 0,
         "readyReplicas": d.ready_replicas if d else 0,

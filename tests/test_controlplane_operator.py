@@ -42,6 +42,7 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.apps = kubernetes.client.AppsV1Api(self.client)
         self.policy = kubernetes.client.PolicyV1Api(self.client)
+        self.batch = kubernetes.client.BatchV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
         self.ext = kubernetes.client.ApiextensionsV1Api(self.client)
         self.ApiException = kubernetes.client.exceptions.ApiException
@@ -346,6 +347,63 @@ def test_deleting_the_service_garbage_collects_every_child(kube, operator):
                     or kube.exists(kube.policy.read_namespaced_pod_disruption_budget, "doomed")
                     or pods)
     wait_for(gone, timeout=60, what="every child garbage-collected")
+
+
+def test_one_loader_job_fills_a_shared_cache_for_two_services_and_outlives_the_first(kube, operator):
+    """Two services, one model, one claim: one Job owned by both; no engine Deployment until it succeeded; the
+    credentials reach it only through secretKeyRef; deleting one service leaves the Job to the other. (No job
+    controller runs here: the test writes the Job's status as the controller would; tests/test_node.py runs it.)"""
+    def cached(name: str) -> dict[str, Any]:
+        body = cpu_service(name, replicas=1)
+        body["spec"]["model"]["credentialsSecretRef"] = {"name": "hf-credentials"}
+        body["spec"]["modelCache"] = {"claimName": "shared-models"}
+        return body
+
+    for name in ("cache-a", "cache-b"):
+        kube.create_isvc(cached(name))
+
+    def shared_job() -> dict[str, Any] | None:
+        jobs = kube.plain(kube.batch.list_namespaced_job(NS, label_selector="flotilla.dev/model-loader")).get("items")
+        owners = [r["name"] for j in jobs for r in j["metadata"].get("ownerReferences") or ()]
+        return jobs[0] if len(jobs) == 1 and sorted(owners) == ["cache-a", "cache-b"] else None
+    job = wait_for(shared_job, what="one loader Job owned by both services")
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-credentials"
+    assert all("value" not in env[k] for k in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY"))
+
+    def condition_of(name: str, ctype: str) -> tuple[str, str] | None:
+        c = next((c for c in (kube.isvc(name).get("status") or {}).get("conditions") or () if c["type"] == ctype),
+                 None)
+        return (c["status"], c["reason"]) if c else None
+    for name in ("cache-a", "cache-b"):
+        wait_for(lambda: condition_of(name, "ModelCached") == ("False", "Pending"), what=f"{name} ModelCached Pending")
+        assert condition_of(name, "Progressing") == ("True", "WaitingForModelCache")
+        assert not kube.exists(kube.apps.read_namespaced_deployment, name)
+
+    # what the job controller writes when the loader's pod succeeded
+    name = job["metadata"]["name"]
+    kube.batch.patch_namespaced_job_status(name, NS, {"status": {
+        "startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:01:30Z", "succeeded": 1,
+        "conditions": [
+            {"type": "SuccessCriteriaMet", "status": "True", "lastTransitionTime": "2026-01-01T00:01:30Z"},
+            {"type": "Complete", "status": "True", "lastTransitionTime": "2026-01-01T00:01:30Z"}]}})
+    for svc in ("cache-a", "cache-b"):
+        wait_for(lambda: condition_of(svc, "ModelCached") == ("True", "Ready"), what=f"{svc} ModelCached Ready")
+        wait_for(lambda: kube.exists(kube.apps.read_namespaced_deployment, svc), what=f"{svc} Deployment")
+        assert kube.isvc(svc)["status"]["modelCache"] == {"job": name, "phase": "Ready", "seconds": 90}
+        pod_env = {e["name"]: e.get("value") for e in container(kube.deployment(svc))["env"]}
+        assert pod_env["HF_HUB_OFFLINE"] == "1"
+
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "cache-a")
+    # (the garbage collector learns of new resource types on its discovery resync: allow it a few)
+    wait_for(lambda: not kube.exists(kube.apps.read_namespaced_deployment, "cache-a"), timeout=120,
+             what="cache-a collected")
+    # the garbage collector drops the gone owner's reference, and keeps the Job for the other
+    wait_for(lambda: [r.name for r in kube.batch.read_namespaced_job(name, NS).metadata.owner_references]
+             == ["cache-b"], timeout=120, what="the Job owned by cache-b alone")
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "cache-b")
+    wait_for(lambda: not kube.exists(kube.batch.read_namespaced_job, name), timeout=120,
+             what="the Job goes with its last owner")
 
 
 def test_an_operator_restart_loses_nothing(kube, operator):

@@ -38,6 +38,15 @@ class MemoryCluster:
         self.objects[(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])] = stored
         return stored
 
+    def share(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if key not in self.objects:
+            self.objects[key] = copy.deepcopy(dict(obj))
+        else:
+            refs = self.objects[key]["metadata"].setdefault("ownerReferences", [])
+            refs += [r for r in obj["metadata"]["ownerReferences"] if r["uid"] not in {x["uid"] for x in refs}]
+        return self.objects[key]
+
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
         try:
             return self.objects[(kind, namespace, name)]
@@ -57,8 +66,10 @@ class MemoryCluster:
     def node_labels(self, node_selector: Mapping[str, str]) -> list[dict[str, str]]:
         return [n for n in self.nodes if all(n.get(k) == v for k, v in node_selector.items())]
 
+    pod_list: list[dict[str, Any]] = []
+
     def pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
-        return []
+        return [p for p in self.pod_list if all(p["metadata"]["labels"].get(k) == v for k, v in selector.items())]
 
 
 def body(spec: dict, name: str = "chat") -> dict:
@@ -164,3 +175,67 @@ def test_reconcile_is_idempotent():
     second = reconcile(body(spec), cluster, SETTINGS, NOW)
     assert cluster.objects == snapshot and first.status == second.status
     assert ("PodDisruptionBudget", "ns", "chat") in cluster.objects
+
+
+# --- the shared model cache ---------------------------------------------------------------------------------
+
+CACHED = {"model": {"uri": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "resources": {"gpus": 0, "cpu": "1"},
+          "modelCache": {"claimName": "models"}}
+
+
+def loader_jobs(cluster: MemoryCluster) -> list[dict[str, Any]]:
+    return [o for (kind, _, _), o in cluster.objects.items() if kind == "Job"]
+
+
+def test_engine_pods_wait_for_one_loader_job_that_two_services_share():
+    cluster = MemoryCluster()
+    first = reconcile(body(CACHED, "a"), cluster, SETTINGS, NOW)
+    second_body = body(CACHED, "b")
+    second_body["metadata"]["uid"] = "u-2"
+    second = reconcile(second_body, cluster, SETTINGS, NOW)
+    [job] = loader_jobs(cluster)
+    assert [r["uid"] for r in job["metadata"]["ownerReferences"]] == ["u-1", "u-2"]
+    for outcome in (first, second):
+        assert outcome.error is None
+        assert conditions(outcome)["ModelCached"] == ("False", "Pending")
+        assert conditions(outcome)["Progressing"] == ("True", "WaitingForModelCache")
+        assert conditions(outcome)["Ready"] == ("False", "WaitingForModelCache")
+        assert outcome.status["modelCache"] == {"job": job["metadata"]["name"], "phase": "Pending"}
+    assert ("Deployment", "ns", "a") not in cluster.objects and ("Service", "ns", "a") in cluster.objects
+    # the Job completes: the next reconciliation rolls the engines out
+    job["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "startTime": "2025-01-01T00:00:00Z",
+                     "completionTime": "2025-01-01T00:02:00Z", "succeeded": 1}
+    done = reconcile(body(CACHED, "a"), cluster, SETTINGS, NOW)
+    assert conditions(done)["ModelCached"] == ("True", "Ready")
+    assert done.status["modelCache"]["seconds"] == 120
+    assert ("Deployment", "ns", "a") in cluster.objects
+
+
+def test_a_running_fleet_keeps_serving_while_a_new_model_is_cached():
+    cluster = MemoryCluster(deployment_status={"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1})
+    reconcile(body({k: v for k, v in CACHED.items() if k != "modelCache"}), cluster, SETTINGS, NOW)
+    before = copy.deepcopy(cluster.objects[("Deployment", "ns", "chat")])
+    outcome = reconcile(body({**CACHED, "model": {"uri": "org/next-model"}}), cluster, SETTINGS, NOW)
+    assert cluster.objects[("Deployment", "ns", "chat")] == before  # untouched until the cache is ready
+    assert conditions(outcome)["Ready"] == ("True", "AllReplicasReady")
+    assert conditions(outcome)["Progressing"] == ("True", "WaitingForModelCache")
+
+
+def test_a_job_that_failed_for_good_degrades_the_service_and_is_replaced_later():
+    cluster = MemoryCluster()
+    reconcile(body(CACHED), cluster, SETTINGS, NOW)
+    [job] = loader_jobs(cluster)
+    name = job["metadata"]["name"]
+    job["status"] = {"failed": 5, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                                  "lastTransitionTime": NOW}]}
+    cluster.pod_list = [{"metadata": {"labels": {"flotilla.dev/model-loader": name},
+                                      "creationTimestamp": "2025-01-01T00:00:00Z"},
+                         "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+                             "message": json.dumps({"error": "model: repo x was not found"})}}}]}}]
+    failed = reconcile(body(CACHED), cluster, SETTINGS, NOW)
+    assert conditions(failed)["Degraded"] == ("True", "ModelCacheFailed")
+    assert "repo x was not found" in failed.status["conditions"][2]["message"]
+    assert any(e.reason == "ModelCacheFailed" for e in failed.events) and ("Job", name) not in cluster.deleted
+    later = reconcile(body(CACHED), cluster, SETTINGS, "2025-01-01T00:05:00Z")
+    assert ("Job", name) in cluster.deleted and "status" not in loader_jobs(cluster)[0]  # a fresh Job
+    assert conditions(later)["ModelCached"] == ("False", "Pending")

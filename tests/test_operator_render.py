@@ -10,8 +10,8 @@ import pytest
 from flotilla.operator.fit import startup_budget_seconds
 from flotilla.operator.quantity import quantity_bytes
 from flotilla.operator.render import (
-    PRESTOP_SLEEP_SECONDS, engine_args, render_children, render_deployment, render_hpa, render_pdb,
-    render_scaled_object, render_service, shm_size_bytes)
+    PRESTOP_SLEEP_SECONDS, engine_args, render_children, render_deployment, render_hpa, render_loader_job,
+    render_pdb, render_scaled_object, render_service, shm_size_bytes)
 from flotilla.operator.spec import DEFAULT_ENGINE_IMAGE, ENGINE_IMAGE_ENV, parse_service
 from operator_fixtures.oracle import admit, k8s_errors, model_config
 
@@ -64,6 +64,8 @@ def test_every_rendered_object_validates_against_the_kubernetes_schema(resources
         if obj["apiVersion"].startswith("keda.sh"):
             continue  # a KEDA CRD, not in the Kubernetes schemas; checked by field below
         assert k8s_errors(obj) == [], obj["kind"]
+    if uri == "org/model-8B":  # a hub model with a model cache: the loader Job fills it
+        assert k8s_errors(render_loader_job(service(spec, uri=uri))) == []
     # Every optional kind is either rendered or listed for deletion, never both.
     rendered = {(o["apiVersion"], o["kind"]) for o in children.objects}
     assert not rendered & set(children.absent)
@@ -228,16 +230,54 @@ def test_an_s3_model_is_passed_to_the_engine_as_its_uri():
     assert svc.served_model_name == "llama-8b" and "--revision" not in engine_args(svc)
 
 
-def test_model_cache_pvc_is_mounted_as_the_hub_cache():
+def test_engine_pods_read_the_shared_model_cache_read_only_and_offline():
     dep = render_deployment(service({"modelCache": {"claimName": "hf-cache"}}))
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["cache"]["persistentVolumeClaim"] == {"claimName": "hf-cache", "readOnly": False}
+    assert volumes["model-cache"]["persistentVolumeClaim"] == {"claimName": "hf-cache", "readOnly": True}
+    assert volumes["cache"] == {"name": "cache", "emptyDir": {}}  # Triton and the like still write somewhere
     env = {e["name"]: e.get("value") for e in container(dep)["env"]}
-    mounts = {m["name"]: m["mountPath"] for m in container(dep)["volumeMounts"]}
-    assert env["HF_HOME"].startswith(mounts["cache"])
-    no_cache = render_deployment(service())
-    assert {v["name"]: v for v in no_cache["spec"]["template"]["spec"]["volumes"]}["cache"] == {
-        "name": "cache", "emptyDir": {}}
+    mounts = {m["name"]: m for m in container(dep)["volumeMounts"]}
+    assert mounts["model-cache"]["readOnly"] is True
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["HF_HUB_CACHE"].startswith(mounts["model-cache"]["mountPath"] + "/")
+    assert env["FLOTILLA_CACHE"].startswith(mounts["model-cache"]["mountPath"] + "/")
+    # without one, the engine downloads into its own writable cache volume
+    plain = render_deployment(service())
+    env = {e["name"]: e.get("value") for e in container(plain)["env"]}
+    assert "HF_HUB_OFFLINE" not in env and "HF_HUB_CACHE" not in env
+    mounts = {m["name"]: m["mountPath"] for m in container(plain)["volumeMounts"]}
+    assert env["HF_HOME"].startswith(mounts["cache"]) and env["FLOTILLA_CACHE"].startswith(mounts["cache"])
+
+
+def test_the_loader_job_downloads_into_the_claim_with_the_engine_image_and_credentials_from_the_secret():
+    svc = parse_service({"metadata": {"name": "chat", "namespace": "team-a", "uid": "u"}, "spec": {
+        "model": {"uri": "meta-llama/Llama-3.1-8B-Instruct", "revision": "v2",
+                  "credentialsSecretRef": {"name": "hf"}},
+        "modelCache": {"claimName": "hf-cache"}, "image": "registry.local/engine:1",
+        "env": [{"name": "HF_ENDPOINT", "value": "http://mirror:8080"}]}})
+    job = render_loader_job(svc)
+    assert k8s_errors(job) == []
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "registry.local/engine:1" and pod["restartPolicy"] == "Never"
+    assert c["command"] == ["flotilla"]
+    assert c["args"] == ["download", "meta-llama/Llama-3.1-8B-Instruct", "--revision", "v2",
+                         "--report", "/dev/termination-log"]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    env = {e["name"]: e for e in c["env"]}
+    assert "HF_HUB_OFFLINE" not in env and env["HF_ENDPOINT"]["value"] == "http://mirror:8080"
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "HF_TOKEN", "optional": True}
+    assert "hf_" not in str(c["args"])  # credentials never in args
+    claim = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    assert claim["persistentVolumeClaim"] == {"claimName": "hf-cache"}  # written: not read-only
+    mount = next(m for m in c["volumeMounts"] if m["name"] == claim["name"])
+    engine_env = {e["name"]: e.get("value") for e in container(render_deployment(svc))["env"]}
+    # the loader writes where the engine pods read
+    assert env["HF_HUB_CACHE"]["value"] == engine_env["HF_HUB_CACHE"]
+    assert env["HF_HUB_CACHE"]["value"].startswith(mount["mountPath"])
+    ref = job["metadata"]["ownerReferences"]
+    assert ref == [{"apiVersion": "flotilla.dev/v1alpha1", "kind": "InferenceService", "name": "chat", "uid": "u",
+                    "controller": False, "blockOwnerDeletion": False}]
 
 
 def test_pvc_model_is_mounted_read_only_and_passed_as_a_path():
