@@ -37,7 +37,8 @@ class HubStandIn:
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
 
-    def start(self) -> "HubStandIn":
+    def start(self, host: str = "127.0.0.1") -> "HubStandIn":
+        """Serve on `host` (loopback by default; the node suite binds the node's address, which pods reach)."""
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -97,8 +98,8 @@ class HubStandIn:
                                                   "Content-Type": "application/octet-stream"}, body)
                 return self._error(404, "EntryNotFound", f"no route {path}", body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

@@ -254,3 +254,14 @@ def test_a_converted_gguf_is_readable_by_every_user(smollm2_dir):
     for path in [smollm2_dir, *smollm2_dir.iterdir()]:
         mode = path.stat().st_mode & 0o777
         assert mode & 0o004 and (not path.is_dir() or mode & 0o001), (path, oct(mode))
+
+
+def test_a_prebuilt_conversion_is_used_read_only_and_new_ones_go_to_the_writable_cache(smollm2_dir, tmp_path,
+                                                                                         monkeypatch):
+    # The CPU image bakes the bundled model's conversion into FLOTILLA_CACHE_PREBUILT; pods write to FLOTILLA_CACHE.
+    from flotilla.engine.model_loader import bundled_model_path, convert_gguf
+
+    monkeypatch.setenv("FLOTILLA_CACHE", str(tmp_path / "writable"))
+    monkeypatch.setenv("FLOTILLA_CACHE_PREBUILT", str(smollm2_dir.parent.parent))
+    assert convert_gguf(Path(bundled_model_path())) == smollm2_dir
+    assert not (tmp_path / "writable").exists()  # nothing written

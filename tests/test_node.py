@@ -17,6 +17,7 @@ import socket
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pytest
 import yaml
 
 from controlplane import wait_for
+from flotilla.engine.model_source import ALLOW_PATTERNS
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = Path(os.environ.get("FLOTILLA_NODE_DIR", Path.home() / ".cache/flotilla/node"))
@@ -63,8 +65,8 @@ def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
     return next((c for c in (obj.get("status") or {}).get("conditions") or () if c["type"] == kind), {})
 
 
-def ready_pods() -> list[dict[str, Any]]:
-    pods = get("pods", selector=ENGINE)["items"]
+def ready_pods(instance: str = NAME) -> list[dict[str, Any]]:
+    pods = get("pods", selector={**ENGINE, "app.kubernetes.io/instance": instance})["items"]
     return [p for p in pods if not p["metadata"].get("deletionTimestamp")
             and condition(p, "Ready").get("status") == "True"]
 
@@ -295,3 +297,96 @@ def test_deleting_the_service_removes_everything_it_owned(node):
         wait_for(lambda: kubectl("get", kind, NAME, "-n", NS, "--ignore-not-found", "-o", "name") == "",
                  timeout=120, what=f"the {kind} to be garbage-collected")
     wait_for(lambda: get("pods", selector=ENGINE)["items"] == [], timeout=300, what="the engine pods to be gone")
+
+
+# --- a shared model cache, filled once by a loader Job from a hub ------------------------------------------
+
+NODE_IP = "10.254.0.1"  # e2e/node/up.sh: the node's address, on which pods reach the host
+TINY = "flotilla-test/tiny-llama"
+CACHE_CLAIM = "shared-models"
+
+
+@pytest.fixture(scope="module")
+def hub_for_pods(tiny_llama):
+    """The hub stand-in on the node's address: the loader Job's pod downloads from it through HF_ENDPOINT."""
+    from hub_standin import HubStandIn, Repo
+
+    hub = HubStandIn({TINY: Repo({"main": tiny_llama})}).start(host=NODE_IP)
+    yield hub
+    hub.stop()
+
+
+def shared_cache_claim(folder: Path) -> str:
+    """A hostPath PersistentVolume (this node has no provisioner) and a ReadWriteMany claim bound to it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o777)  # the loader runs as uid 1000; hostPath ignores fsGroup
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{CACHE_CLAIM}-pv"},
+          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                   "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(folder), "type": "Directory"}}}
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CACHE_CLAIM, "namespace": NS},
+           "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": f"{CACHE_CLAIM}-pv",
+                    "resources": {"requests": {"storage": "1Gi"}}}}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all([pv, pvc]))
+    return CACHE_CLAIM
+
+
+def cached_service(name: str, hub_url: str) -> dict[str, Any]:
+    sample = yaml.safe_load(SAMPLE.read_text())
+    spec = sample["spec"]
+    spec["model"] = {"uri": TINY, "servedModelName": "tiny"}
+    spec["modelCache"] = {"claimName": CACHE_CLAIM}
+    spec["env"] = [{"name": "HF_ENDPOINT", "value": hub_url}]
+    spec["engine"] = {"maxModelLen": 256, "maxNumSeqs": 4, "dtype": "float32"}
+    spec["resources"]["cpu"] = "500m"
+    spec["drainSeconds"] = 5
+    return {**sample, "metadata": {"name": name, "namespace": NS}}
+
+
+def test_one_loader_job_fills_a_shared_cache_that_two_services_serve_from_offline(node, hub_for_pods, tiny_llama,
+                                                                                  tmp_path_factory):
+    from flotilla.engine import LLM, SamplingParams
+
+    shared_cache_claim(tmp_path_factory.mktemp("shared-model-cache"))
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all([cached_service(n, hub_for_pods.url)
+                                                         for n in ("tiny-a", "tiny-b")]))
+    for name in ("tiny-a", "tiny-b"):
+        wait_for(lambda: condition(get("inferenceservice", name), "Ready").get("status") == "True", timeout=600,
+                 what=f"{name} Ready (loader Job, then the engine from the cache)")
+    jobs = get("jobs", selector={"app.kubernetes.io/component": "model-loader"})["items"]
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+    job = jobs[0]
+    assert sorted(r["name"] for r in job["metadata"]["ownerReferences"]) == ["tiny-a", "tiny-b"]
+    assert job["status"].get("succeeded") == 1
+
+    # What the loader reported, as the status says: the served files, all of them, once.
+    expected = {p.relative_to(tiny_llama).as_posix(): p.stat().st_size for p in tiny_llama.rglob("*")
+                if p.is_file() and any(fnmatch(p.name, pattern) for pattern in ALLOW_PATTERNS)}
+    for name in ("tiny-a", "tiny-b"):
+        status = get("inferenceservice", name)["status"]
+        assert condition({"status": status}, "ModelCached")["status"] == "True"
+        assert status["modelCache"]["job"] == job["metadata"]["name"]
+        assert status["modelCache"]["bytes"] == sum(expected.values())
+    downloads = [p.split("/resolve/", 1)[1].split("/", 1)[1] for p in hub_for_pods.downloads()]
+    assert sorted(downloads) == sorted(expected)  # each file once: the engines downloaded nothing
+
+    # Both fleets serve the cached weights: greedy output equals the model's own, loaded here from its folder.
+    local = LLM(str(tiny_llama), dtype="float32").generate(
+        {"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    for name in ("tiny-a", "tiny-b"):
+        pod = ready_pods(name)[0]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["HF_HUB_OFFLINE"] == "1"
+        ip = get("service", name)["spec"]["clusterIP"]
+        reply = client(f"http://{ip}:8000/v1").completions.create(
+            model="tiny", prompt=[5, 6, 7, 8], max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        assert reply.choices[0].text == local
+
+    # Deleting one service leaves the Job (and the cache) to the other; the last one takes the Job along.
+    kubectl("delete", "inferenceservice", "tiny-a", "-n", NS, "--wait=true", timeout=300)
+    wait_for(lambda: [r["name"] for r in get("job", job["metadata"]["name"])["metadata"]["ownerReferences"]]
+             == ["tiny-b"], timeout=120, what="the loader Job owned by tiny-b alone")
+    kubectl("delete", "inferenceservice", "tiny-b", "-n", NS, "--wait=true", timeout=300)
+    wait_for(lambda: kubectl("get", "job", job["metadata"]["name"], "-n", NS, "--ignore-not-found", "-o", "name")
+             == "", timeout=120, what="the loader Job gone with its last owner")
+
