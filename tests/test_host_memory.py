@@ -1,8 +1,6 @@
 """The CPU KV cache fits the container's memory limit (a pod's limits.memory), read from cgroup v1 or v2."""
 from __future__ import annotations
 
-import mmap
-
 import pytest
 
 from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, rss_bytes
@@ -43,20 +41,11 @@ def test_an_explicit_space_is_kept_and_a_full_container_is_refused():
         cpu_kv_cache_bytes(None, 1 * GiB, 1 * GiB, 0.9)
 
 
-def _vm_rss() -> int:
-    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return int(status["VmRSS"].split()[0]) * 1024  # the kernel's own figure, in kB
-
-
 def test_rss_is_this_process():
-    before = rss_bytes()
-    assert abs(before - _vm_rss()) < 16 * 2**20
-    # A fresh anonymous mapping, written page by page, is new resident memory (a heap allocation may reuse pages
-    # a long test process already has: CI saw RSS not move for a 64 MiB bytearray).
-    region = mmap.mmap(-1, 64 * 2**20)
-    for offset in range(0, len(region), mmap.PAGESIZE):
-        region[offset] = 1
-    after = rss_bytes()
-    assert abs(after - _vm_rss()) < 16 * 2**20
-    assert abs(after - before - len(region)) < 16 * 2**20
-    region.close()
+    # statm (pages) read against status's VmRSS (kB), the kernel's own figure, at the same moment. Not asserted:
+    # that a fresh 64 MiB shows up at once; CI twice read the same RSS to the byte before and after writing 64 MiB
+    # (the kernel's RSS counters are per-CPU and folded lazily), while this machine always showed the 64 MiB.
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    vm_rss, vm_size = (int(status[k].split()[0]) * 1024 for k in ("VmRSS", "VmSize"))
+    assert abs(rss_bytes() - vm_rss) < 16 * 2**20
+    assert 0 < rss_bytes() < vm_size
