@@ -15,6 +15,7 @@ import torch
 
 from flotilla.engine.attention import AttentionMetadata, forward_context, select_backend
 from flotilla.engine.outputs import LogprobDict
+from flotilla.engine.parallel import kv_heads_per_rank
 from flotilla.engine.sampler import Sampler, top_logprobs
 from flotilla.engine.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -31,10 +32,17 @@ class ModelRunnerOutput:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def kv_bytes_per_block(config: Any, block_size: int, dtype: torch.dtype) -> int:
+def kv_head_shape(config: Any) -> tuple[int, int]:
+    """(KV heads this tensor-parallel rank holds, head dim)."""
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return kv_heads_per_rank(num_kv_heads), head_dim
+
+
+def kv_bytes_per_block(config: Any, block_size: int, dtype: torch.dtype) -> int:
+    """One block's K and V over every layer, on this rank."""
+    num_kv_heads, head_dim = kv_head_shape(config)
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * block_size * num_kv_heads * head_dim * elem
 
@@ -87,14 +95,8 @@ class ModelRunner:
         self.kv_cache = None
         return blocks
 
-    def _kv_head_shape(self) -> tuple[int, int]:
-        num_heads = self.config.num_attention_heads
-        num_kv_heads = getattr(self.config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // num_heads
-        return num_kv_heads, head_dim
-
     def _new_cache(self, num_blocks: int) -> torch.Tensor:
-        num_kv_heads, head_dim = self._kv_head_shape()
+        num_kv_heads, head_dim = kv_head_shape(self.config)
         return torch.zeros(self.config.num_hidden_layers, 2, num_blocks, num_kv_heads, self.block_size, head_dim,
                            dtype=self.dtype, device=self.device)
 
@@ -103,7 +105,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     def allocate_host_cache(self, num_blocks: int) -> None:
-        num_kv_heads, head_dim = self._kv_head_shape()
+        num_kv_heads, head_dim = kv_head_shape(self.config)
         self.host_cache = torch.zeros(self.config.num_hidden_layers, 2, num_blocks, num_kv_heads, self.block_size,
                                       head_dim, dtype=self.dtype, device="cpu",
                                       pin_memory=self.device.type == "cuda")

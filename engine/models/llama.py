@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flotilla.engine.layers.attention import PagedAttention
+from flotilla.engine.layers.linear import (
+    PackedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parts, load_whole)
 from flotilla.engine.layers.norm import RMSNorm
 from flotilla.engine.layers.rotary import RotaryEmbedding
+from flotilla.engine.parallel import first_kv_head, kv_heads_per_rank, split_evenly
 from flotilla.kernels.elementwise import silu_and_mul
 
 
@@ -28,33 +30,26 @@ def _rope_settings(config: Any) -> tuple[float, dict[str, Any] | None]:
     return float(getattr(config, "rope_theta", 10000.0)), getattr(config, "rope_scaling", None)
 
 
-def _shard_loader(offsets: dict[str, tuple[int, int]]):
-    """A ``weight_loader`` that copies a checkpoint tensor into its rows of a packed parameter."""
-
-    def load(param: torch.Tensor, loaded: torch.Tensor, shard: str) -> None:
-        start, size = offsets[shard]
-        if loaded.shape[0] != size:
-            raise ValueError(f"shard {shard}: expected {size} rows, checkpoint has {loaded.shape[0]}")
-        param.data[start:start + size].copy_(loaded)
-
-    return load
-
-
 class LlamaAttention(nn.Module):
+    """Heads split across tensor-parallel ranks: each rank projects, rotates and attends its own query heads
+    against its KV heads; o_proj's all-reduce sums the ranks' outputs."""
+
     def __init__(self, config: Any) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.num_heads = split_evenly(total_heads, "num_attention_heads")
+        self.num_kv_heads = kv_heads_per_rank(total_kv)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_size, self.kv_size = q_size, kv_size
         qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
-        loader = _shard_loader({"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)})
-        for p in self.qkv_proj.parameters():
-            p.weight_loader = loader  # type: ignore[attr-defined]
+        q_rows = column_parts({"q": total_heads * self.head_dim})["q"]
+        kv_start = first_kv_head(total_kv) * self.head_dim
+        self.qkv_proj = PackedColumnParallelLinear(config.hidden_size, {
+            "q": q_rows, "k": (kv_start, kv_size), "v": (kv_start, kv_size)}, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=o_bias)
         theta, scaling = _rope_settings(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
@@ -74,11 +69,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=bias)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=bias)
-        loader = _shard_loader({"gate": (0, inter), "up": (inter, inter)})
-        for p in self.gate_up_proj.parameters():
-            p.weight_loader = loader  # type: ignore[attr-defined]
+        self.gate_up_proj = PackedColumnParallelLinear(config.hidden_size, column_parts({"gate": inter, "up": inter}),
+                                                       bias=bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
 
@@ -119,14 +112,14 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = None
-        else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:  # the same vocabulary split as the embedding
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
 
     @property
     def attention_layers(self) -> list[PagedAttention]:
@@ -142,8 +135,8 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        """Logits over the whole vocabulary, on every rank (gathered from the ranks' vocabulary shards)."""
+        return (self.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into the parameters; returns the names loaded.
@@ -165,12 +158,10 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
             param = params[target]
             with torch.no_grad():
-                if shard is None:
-                    if param.shape != tensor.shape:
-                        raise ValueError(f"{name}: shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}")
-                    param.data.copy_(tensor)
-                else:
-                    param.weight_loader(param, tensor, shard)  # type: ignore[attr-defined]
+                try:  # each parameter takes its own (tensor-parallel) part of the checkpoint tensor
+                    getattr(param, "weight_loader", load_whole)(param, tensor, shard)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
             loaded.add(f"{target}:{shard}" if shard else target)
         packed_names = {n for n in params if ".qkv_proj." in n or ".gate_up_proj." in n}
         plain_missing = {n for n in params.keys() - packed_names if n not in loaded}

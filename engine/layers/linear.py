@@ -1,0 +1,119 @@
+"""Megatron-style sharded layers. Each parameter carries a ``weight_loader(param, tensor, shard)`` that takes the
+checkpoint's whole tensor and copies in this rank's part, so model code never does sharding arithmetic itself.
+
+- ``PackedColumnParallelLinear``: output rows split across ranks, no communication. Packed projections (q/k/v,
+  gate/up) are split part by part, so a rank's weight is ``[q_r; k_r; v_r]``; each part says which checkpoint rows
+  this rank takes (KV heads may be replicated when ranks outnumber them).
+- ``RowParallelLinear``: input columns split; partial outputs summed with one all-reduce, then the bias.
+- ``VocabParallelEmbedding`` / ``lm_logits``: vocabulary rows split; lookups all-reduced, logits all-gathered.
+With one rank every layer holds the whole weight and computes exactly what ``nn.Linear`` / ``nn.Embedding`` do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flotilla.engine.parallel import all_gather_last, all_reduce, tp
+
+
+def load_whole(param: torch.Tensor, loaded: torch.Tensor, shard: str | None = None) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape {tuple(loaded.shape)} != parameter {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def _with_loader(param: nn.Parameter, loader) -> nn.Parameter:
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    return param
+
+
+class PackedColumnParallelLinear(nn.Module):
+    """``parts`` maps each packed part (``"q"``, ``"k"``, ...) to ``(first checkpoint row, rows)`` for this rank,
+    in packing order."""
+
+    def __init__(self, input_size: int, parts: dict[str, tuple[int, int]], bias: bool) -> None:
+        super().__init__()
+        self.parts = dict(parts)
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, (_, rows) in self.parts.items():
+            self.offsets[name] = total
+            total += rows
+        self.weight = _with_loader(nn.Parameter(torch.empty(total, input_size)), self._load)
+        self.bias = _with_loader(nn.Parameter(torch.empty(total)), self._load) if bias else None
+
+    def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str | None) -> None:
+        if shard not in self.parts:
+            raise ValueError(f"no packed part {shard!r} (parts: {list(self.parts)})")
+        start, rows = self.parts[shard]
+        if loaded.shape[0] < start + rows:
+            raise ValueError(f"shard {shard}: checkpoint has {loaded.shape[0]} rows, this rank needs "
+                             f"{start}..{start + rows}")
+        param.data[self.offsets[shard]:self.offsets[shard] + rows].copy_(loaded[start:start + rows])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def column_parts(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Even per-part split for this rank: part -> (first row, rows)."""
+    t = tp()
+    out = {}
+    for name, size in sizes.items():
+        if size % t.size:
+            raise ValueError(f"{name} ({size} rows) is not divisible by --tensor-parallel-size {t.size}")
+        rows = size // t.size
+        out[name] = (t.rank * rows, rows)
+    return out
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
+        super().__init__()
+        t = tp()
+        if input_size % t.size:
+            raise ValueError(f"input size {input_size} is not divisible by --tensor-parallel-size {t.size}")
+        self.local_in = input_size // t.size
+        self.weight = _with_loader(nn.Parameter(torch.empty(output_size, self.local_in)), self._load)
+        # The bias is added once, after the sum over ranks.
+        self.bias = _with_loader(nn.Parameter(torch.empty(output_size)), load_whole) if bias else None
+
+    def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str | None = None) -> None:
+        start = tp().rank * self.local_in
+        load_whole(param, loaded[:, start:start + self.local_in])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows ``[rank × per_rank, (rank + 1) × per_rank)`` of the vocabulary (the last rank's tail is padding)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        t = tp()
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // t.size)
+        self.start = t.rank * self.per_rank
+        self.valid = max(0, min(self.per_rank, vocab_size - self.start))
+        self.weight = _with_loader(nn.Parameter(torch.zeros(self.per_rank, hidden_size)), self._load)
+
+    def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str | None = None) -> None:
+        if loaded.shape[0] != self.vocab_size:
+            raise ValueError(f"vocabulary of {loaded.shape[0]} rows, expected {self.vocab_size}")
+        param.data[:self.valid].copy_(loaded[self.start:self.start + self.valid])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tp().size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.valid)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ W.T`` over the whole vocabulary (every rank gets all of it)."""
+        return all_gather_last(F.linear(hidden, self.weight))[..., :self.vocab_size]
