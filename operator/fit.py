@@ -102,15 +102,21 @@ def weight_bytes_per_parameter(svc: InferenceService, shape: ModelShape | None) 
     return _DTYPE_BYTES.get(dtype, 2.0)
 
 
-def kv_bytes_per_token(svc: InferenceService, shape: ModelShape) -> int:
-    """Keys and values for every layer, for one token."""
+def kv_heads_per_gpu(shape: ModelShape, tp: int) -> int:
+    """KV heads one tensor-parallel rank holds: its share, or one replicated head when ranks outnumber them
+    (as the engine shards them: engine/parallel.py)."""
+    return max(1, shape.num_kv_heads // tp)
+
+
+def kv_bytes_per_token(svc: InferenceService, shape: ModelShape, tp: int = 1) -> int:
+    """Keys and values for every layer, for one token, on one of `tp` tensor-parallel GPUs."""
     kv = svc.engine.kv_cache_dtype
     if kv.startswith("fp8"):
         elem = 1
     else:
         dtype = svc.engine.dtype if svc.engine.dtype != "auto" else shape.torch_dtype
         elem = 4 if dtype in ("float32", "float") else 2
-    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * elem
+    return 2 * shape.num_layers * kv_heads_per_gpu(shape, tp) * shape.head_dim * elem
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,8 @@ class FitReport:
 
 def check_fit(svc: InferenceService, config: Mapping[str, Any] | None,
               gpu_memory_bytes: int | None) -> FitReport:
-    """Weights plus one maxModelLen sequence of KV cache against usable GPU memory."""
+    """Per GPU: its shard of the weights plus its share of one maxModelLen sequence's KV cache, against one GPU's
+    usable memory. Tensor parallelism splits the weights and the KV heads over tensorParallelSize GPUs."""
     if svc.resources.gpus == 0:
         return FitReport("Unknown", "no GPUs requested: the fit check applies to GPU memory only")
     if config is None:
@@ -141,19 +148,21 @@ def check_fit(svc: InferenceService, config: Mapping[str, Any] | None,
 
     params = shape.parameters
     per_param = weight_bytes_per_parameter(svc, shape)
-    weights = int(params * per_param)
+    tp = svc.engine.tensor_parallel_size
+    weights = int(params * per_param) // tp
     seq_len = svc.engine.max_model_len or shape.max_position_embeddings or 4096
-    per_token = kv_bytes_per_token(svc, shape)
+    per_token = kv_bytes_per_token(svc, shape, tp)
     kv = per_token * seq_len
     required = weights + kv
-    gpus, util = svc.resources.gpus, svc.engine.gpu_memory_utilization
-    available = int(gpus * gpu_memory * util)
+    util = svc.engine.gpu_memory_utilization
+    available = int(gpu_memory * util)
 
+    split = f" / {tp} GPUs" if tp > 1 else ""
     arithmetic = (
-        f"weights {human_bytes(weights)} ({params / 1e9:.2f}B params x {per_param:g} B) + "
-        f"KV cache {human_bytes(kv)} for one {seq_len}-token sequence ({per_token} B/token) = "
-        f"{human_bytes(required)}; usable {human_bytes(available)} "
-        f"({gpus} GPU x {human_bytes(gpu_memory)} x {util:g})")
+        f"weights {human_bytes(weights)} ({params / 1e9:.2f}B params x {per_param:g} B{split}) + "
+        f"KV cache {human_bytes(kv)} for one {seq_len}-token sequence ({per_token} B/token{split}) = "
+        f"{human_bytes(required)} per GPU; usable {human_bytes(available)} "
+        f"(1 GPU x {human_bytes(gpu_memory)} x {util:g})")
     if required > available:
         return FitReport("DoesNotFit", f"does not fit: {arithmetic}", required, available)
     if required > available * (1 - TIGHT_HEADROOM):

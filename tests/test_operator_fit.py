@@ -9,6 +9,7 @@ from flotilla.operator.fit import (
     parameters_from_name, startup_budget_seconds)
 from flotilla.operator.spec import parse_service
 from operator_fixtures.oracle import model_config
+from test_operator_crd import sample_services
 
 GiB = 2**30
 
@@ -53,6 +54,23 @@ def test_70b_fits_on_four_80gb_gpus_with_tensor_parallelism():
     svc = service("meta-llama/Llama-3.1-70B-Instruct", engine={"tensorParallelSize": 4, "maxModelLen": 32768},
                   resources={"gpus": 4, "gpuMemoryBytes": "80Gi"})
     assert check_fit(svc, model_config("llama-3.1-70b"), None).verdict == "Fits"
+
+
+def test_tensor_parallel_arithmetic_is_per_gpu_with_kv_heads_replicated_past_their_count():
+    config = model_config("llama-3.1-70b")  # 8 KV heads
+    shape = ModelShape.from_config(config)
+    for tp, heads in ((4, 2), (8, 1), (16, 1)):  # 16 ranks > 8 KV heads: one replicated head each
+        svc = service("meta-llama/Llama-3.1-70B-Instruct", engine={"tensorParallelSize": tp, "maxModelLen": 8192},
+                      resources={"gpus": tp})
+        report = check_fit(svc, config, 80 * GiB)
+        per_token = 2 * shape.num_layers * heads * shape.head_dim * 2
+        assert report.required_bytes == shape.parameters * 2 // tp + per_token * 8192
+        assert report.available_bytes == int(80 * GiB * 0.9)  # one GPU's usable memory
+        assert f"/ {tp} GPUs" in report.message and "per GPU" in report.message
+    # the 70B sample (tensor parallel 4 on 80 GB GPUs) passes the per-GPU check as shipped
+    sample = parse_service(next(b for n, b in sample_services() if n == "llama-70b-tp4.yaml"))
+    assert sample.engine.tensor_parallel_size == 4
+    assert check_fit(sample, config, 80 * GiB).verdict in ("Fits", "Tight")
 
 
 def test_full_context_kv_cache_can_be_what_does_not_fit():
