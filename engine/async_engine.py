@@ -103,6 +103,7 @@ class AsyncLLMEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     def _raise_if_dead(self) -> None:
         if self.errored is not None:
@@ -145,6 +146,7 @@ class AsyncLLMEngine:
         try:
             while not self._stopped:
                 self._drain_commands()
+                self.engine.check_alive()
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()

@@ -59,7 +59,8 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N ranks, one process each (N GPUs with NCCL; on CPU, gloo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--disable-log-requests", action="store_true")
@@ -131,8 +132,6 @@ def _report(file: str | None, fields: dict[str, Any]) -> None:
 
 def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
     """Map flags to ``EngineArgs``; refuse the ones whose feature is not built."""
-    if ns.tensor_parallel_size != 1:
-        raise SystemExit("--tensor-parallel-size > 1 is not supported yet: Flotilla runs one GPU per engine")
     if ns.kv_cache_dtype not in ("auto",):
         raise SystemExit(f"--kv-cache-dtype {ns.kv_cache_dtype} is not supported yet (only auto)")
     if ns.quantization not in (None, "gguf"):
@@ -146,6 +145,7 @@ def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
         enable_chunked_prefill=ns.enable_chunked_prefill, load_format=ns.load_format, seed=ns.seed,
         device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=True,
         revision=ns.revision, download_dir=ns.download_dir, hf_token=ns.hf_token,
+        tensor_parallel_size=ns.tensor_parallel_size,
     )
 
 

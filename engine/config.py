@@ -52,6 +52,7 @@ class EngineArgs:
     revision: str | None = None  # branch, tag or commit of a Hugging Face repo (or ORG/NAME@REV)
     download_dir: str | None = None  # the Hugging Face cache to download into (default: HF_HOME's)
     hf_token: str | None = None  # default: HF_TOKEN
+    tensor_parallel_size: int = 1  # ranks the model is split over (one process each; GPUs: one per rank)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -96,6 +97,8 @@ class EngineArgs:
             raise ValueError(f"preemption_mode: must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space: must be >= 0 GiB, got {self.swap_space}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override: must be >= 1, got {self.num_gpu_blocks_override}")
 

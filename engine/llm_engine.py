@@ -16,7 +16,6 @@ import torch
 from flotilla.engine.block_manager import BlockManager, SwapPool
 from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, cpu_kvcache_gib_setting
 from flotilla.engine.detokenizer import IncrementalDetokenizer
-from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, rss_bytes
 from flotilla.engine.model_loader import (
     config_dtype,
     generation_eos_ids,
@@ -25,7 +24,9 @@ from flotilla.engine.model_loader import (
     load_tokenizer,
     resolve_model,
 )
-from flotilla.engine.model_runner import ModelRunner, kv_bytes_per_block
+from flotilla.engine.model_runner import ModelRunner, host_cache_blocks, kv_bytes_per_block, kv_cache_blocks
+from flotilla.engine.parallel import broadcast_plan, destroy_tensor_parallel, init_tensor_parallel, min_over_ranks
+from flotilla.engine.tp_worker import Workers, WorkerSpec, cpu_threads
 from flotilla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from flotilla.engine.request import Request, RequestStatus
 from flotilla.engine.sampling_params import SamplingParams
@@ -76,6 +77,16 @@ class LLMEngine:
     the ``RequestOutput`` of every request that made progress (cumulative text and tokens)."""
 
     def __init__(self, args: EngineArgs) -> None:
+        self.workers: Workers | None = None
+        try:
+            self._start(args)
+        except BaseException:
+            if self.workers is not None:  # never leave ranks waiting for a rank 0 that gave up
+                self.workers.kill()
+                destroy_tensor_parallel()
+            raise
+
+    def _start(self, args: EngineArgs) -> None:
         args.validate()
         self.args = args
         t0 = time.perf_counter()
@@ -86,8 +97,6 @@ class LLMEngine:
         self.dtype = args.resolve_dtype(config_dtype(self.model_config), self.device)
         self.tokenizer = load_tokenizer(self.source, args.tokenizer, args.download_dir, token)
         self.eos_token_ids = generation_eos_ids(self.source, self.tokenizer, self.model_config)
-        torch.manual_seed(args.seed)
-        model = load_model(self.source, self.model_config, self.dtype, self.device, args.seed)
         self.model_name = args.served_model_name or args.model or self.source.name
 
         max_model_len = args.max_model_len or self.model_config.max_position_embeddings
@@ -99,8 +108,22 @@ class LLMEngine:
         if not args.enable_chunked_prefill and max_batched < max_model_len:
             raise ValueError(f"max_num_batched_tokens ({max_batched}) must be >= max_model_len ({max_model_len}) "
                              "when chunked prefill is disabled")
+        setting = cpu_kvcache_gib_setting(args)
+        kv_args = {"gpu_memory_utilization": args.gpu_memory_utilization, "max_num_batched_tokens": max_batched,
+                   "override": args.num_gpu_blocks_override,
+                   "cpu_space_bytes": None if setting is None else int(setting * 2**30)}
+        swap_gib = args.swap_space if args.preemption_mode == "swap" else None
+        if args.tensor_parallel_size > 1:
+            # Ranks 1..N-1 in their own processes, rank 0 here; all load their shard of the same resolved model.
+            self.workers = Workers(WorkerSpec(args.tensor_parallel_size, "", self.source, self.dtype,
+                                              self.device.type, args.block_size, args.seed, kv_args, swap_gib))
+            if self.device.type == "cpu":
+                torch.set_num_threads(cpu_threads(args.tensor_parallel_size))
+            self.workers.join(lambda rendezvous: init_tensor_parallel(0, args.tensor_parallel_size, rendezvous))
+        torch.manual_seed(args.seed)
+        model = load_model(self.source, self.model_config, self.dtype, self.device, args.seed)
         self.runner = ModelRunner(model, self.model_config, self.device, self.dtype, args.block_size, args.seed)
-        num_blocks = self._num_kv_blocks(args, max_batched)
+        num_blocks = min_over_ranks(kv_cache_blocks(self.runner, **kv_args))
         capacity = num_blocks * args.block_size
         if capacity < max_model_len:
             if args.max_model_len is not None:
@@ -113,9 +136,8 @@ class LLMEngine:
                                                 args.enable_chunked_prefill, args.preemption_mode)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         swap_pool = None
-        if args.preemption_mode == "swap":
-            per_block = kv_bytes_per_block(self.model_config, args.block_size, self.dtype)
-            num_host_blocks = int(args.swap_space * 2**30 // per_block)
+        if swap_gib is not None:
+            num_host_blocks = host_cache_blocks(self.model_config, args.block_size, self.dtype, swap_gib)
             self.runner.allocate_host_cache(num_host_blocks)
             swap_pool = SwapPool(num_host_blocks)
             logger.info("swap space: %d host blocks (%.2f GiB)", num_host_blocks, args.swap_space)
@@ -138,21 +160,22 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args)
 
-    def _num_kv_blocks(self, args: EngineArgs, max_batched: int) -> int:
-        if args.num_gpu_blocks_override is not None:
-            return args.num_gpu_blocks_override
-        per_block = kv_bytes_per_block(self.model_config, args.block_size, self.dtype)
-        if self.device.type == "cuda":
-            blocks = self.runner.profile_num_blocks(args.gpu_memory_utilization, max_batched)
-            if blocks < 1:
-                raise ValueError("no GPU memory left for the KV cache: raise gpu_memory_utilization or use a "
-                                 "smaller model / max_num_batched_tokens")
-            return blocks
-        # On CPU the cache is host memory: under a container limit it takes what the limit leaves.
-        setting = cpu_kvcache_gib_setting(args)
-        space = cpu_kv_cache_bytes(None if setting is None else int(setting * 2**30), limit=memory_limit_bytes(),
-                                   used=rss_bytes(), utilization=args.gpu_memory_utilization)
-        return max(space // per_block, 1)
+    def check_alive(self) -> None:
+        """Raise when a tensor-parallel worker has died: this engine can compute nothing more."""
+        if self.workers is not None and (dead := self.workers.dead()):
+            raise RuntimeError(f"tensor-parallel worker died: {', '.join(dead)}")
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do with one rank). The engine serves nothing after."""
+        if self.workers is None:
+            return
+        workers, self.workers = self.workers, None
+        try:
+            if not workers.dead():
+                broadcast_plan(None)
+        finally:
+            workers.stop()
+            destroy_tensor_parallel()
 
     # ---- requests -----------------------------------------------------------------------------------
 

@@ -15,11 +15,34 @@ import torch
 
 from flotilla.engine.attention import AttentionMetadata, forward_context, select_backend
 from flotilla.engine.outputs import LogprobDict
-from flotilla.engine.parallel import kv_heads_per_rank
+from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, rss_bytes
+from flotilla.engine.parallel import broadcast_plan, kv_heads_per_rank, tp
 from flotilla.engine.sampler import Sampler, top_logprobs
 from flotilla.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepPlan:
+    """One step as plain, picklable data: all a tensor-parallel rank needs to run the same forward pass."""
+
+    swap_out: list[tuple[int, int]]
+    swap_in: list[tuple[int, int]]
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    num_decodes: int
+    decode_tables: list[list[int]]
+    decode_lens: list[int]
+    prefill_tables: list[list[int]]
+    prefill_lens: list[int]
+    query_start_loc: list[int]
+    has_context: bool
+    #: hidden-state row ranges whose logits feed prompt logprobs, in batch order
+    logit_groups: list[tuple[int, int]]
+    #: hidden-state rows that are sampled (one per request that completes its prompt), in batch order
+    sample_rows: list[int]
 
 
 @dataclass
@@ -130,11 +153,16 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------------
 
-    def _prepare(self, batch: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def plan(self, batch: list[ScheduledRequest], sched: SchedulerOutput) -> StepPlan:
+        """The step as plain data (the only place that reads scheduler output): tokens, positions and cache
+        slots, flattened decodes first, and the rows whose logits the step needs."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        logit_groups: list[tuple[int, int]] = []
+        sample_rows: list[int] = []
+        offset = 0
         for s in batch:
             r, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
@@ -142,63 +170,101 @@ class ModelRunner:
             positions.extend(range(start, end))
             table = r.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if r.sampling_params.prompt_logprobs is not None and start < r.num_prompt_tokens:
+                # the prompt positions computed now that predict a following prompt token
+                last = min(end, r.num_prompt_tokens - 1)
+                if last > start:
+                    logit_groups.append((offset, offset + last - start))
+            offset += s.num_new_tokens
+            if s.completes_prompt:
+                sample_rows.append(offset - 1)
         decodes = [s for s in batch if s.num_new_tokens == 1]
         prefills = batch[len(decodes):]
 
-        def tables(group: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        def tables(group: list[ScheduledRequest]) -> tuple[list[list[int]], list[int]]:
             width = max((len(s.request.block_ids) for s in group), default=1)
             rows = [s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in group]
-            lens = [s.request.num_computed_tokens + s.num_new_tokens for s in group]
-            return (torch.tensor(rows, dtype=torch.int32).reshape(len(group), width),
-                    torch.tensor(lens, dtype=torch.int32))
+            return rows, [s.request.num_computed_tokens + s.num_new_tokens for s in group]
 
         d_tables, d_lens = tables(decodes)
         p_tables, p_lens = tables(prefills)
         qsl = [0]
         for s in prefills:
             qsl.append(qsl[-1] + s.num_new_tokens)
+        return StepPlan(list(sched.swap_out), list(sched.swap_in), input_ids, positions, slots, len(decodes),
+                        d_tables, d_lens, p_tables, p_lens, qsl,
+                        any(s.request.num_computed_tokens > 0 for s in prefills), logit_groups, sample_rows)
+
+    def _tensors(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
+
+        def table(rows: list[list[int]]) -> torch.Tensor:
+            width = len(rows[0]) if rows else 1
+            return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), width).to(dev)
+
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev),
-            num_decode_tokens=len(decodes),
-            decode_block_tables=d_tables.to(dev),
-            decode_seq_lens=d_lens.to(dev),
-            prefill_block_tables=p_tables.to(dev),
-            prefill_seq_lens=p_lens.to(dev),
-            prefill_query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev),
-            prefill_has_context=any(s.request.num_computed_tokens > 0 for s in prefills),
+            slot_mapping=torch.tensor(plan.slots, dtype=torch.long).to(dev),
+            num_decode_tokens=plan.num_decodes,
+            decode_block_tables=table(plan.decode_tables),
+            decode_seq_lens=torch.tensor(plan.decode_lens, dtype=torch.int32).to(dev),
+            prefill_block_tables=table(plan.prefill_tables),
+            prefill_seq_lens=torch.tensor(plan.prefill_lens, dtype=torch.int32).to(dev),
+            prefill_query_start_loc=torch.tensor(plan.query_start_loc, dtype=torch.int32).to(dev),
+            prefill_has_context=plan.has_context,
         )
-        return torch.tensor(input_ids, dtype=torch.long).to(dev), torch.tensor(positions).to(dev), meta
+        return (torch.tensor(plan.input_ids, dtype=torch.long).to(dev), torch.tensor(plan.positions).to(dev), meta)
+
+    @torch.inference_mode()
+    def run_plan(self, plan: StepPlan) -> tuple[list[torch.Tensor | Exception], torch.Tensor | None]:
+        """The forward pass every rank runs, with the same collectives in the same order: logits of each prompt
+        logprobs group (an exception in its place when it failed, on one rank only), then of the sampled rows."""
+        if plan.swap_out or plan.swap_in:
+            self.swap(plan.swap_out, plan.swap_in)
+        input_ids, positions, meta = self._tensors(plan)
+        with forward_context(meta):
+            hidden = self.model(input_ids, positions)
+        groups: list[torch.Tensor | Exception] = []
+        for start, end in plan.logit_groups:
+            try:
+                groups.append(self.model.compute_logits(hidden[start:end]))
+            except Exception as e:  # e.g. a huge prompt_logprobs request out of memory: its own fault
+                if tp().size > 1:
+                    raise  # the other ranks are in the collective: no way to leave one request out
+                groups.append(e)
+        sampled = None
+        if plan.sample_rows:
+            sampled = self.model.compute_logits(hidden[torch.tensor(plan.sample_rows, device=self.device)])
+        return groups, sampled
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        if sched.swap_out or sched.swap_in:
-            self.swap(sched.swap_out, sched.swap_in)
         # Decodes first: the attention layer serves them with one batched call.
         batch = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
-        input_ids, positions, meta = self._prepare(batch)
-        with forward_context(meta):
-            hidden = self.model(input_ids, positions)
+        plan = self.plan(batch, sched)
+        if tp().size > 1:
+            broadcast_plan(plan)  # the other ranks run the same step on their shards
+        groups, sampled = self.run_plan(plan)
 
         out = ModelRunnerOutput()
-        sample_rows: list[int] = []
         sample_reqs = []
-        offset = 0
+        group = iter(groups)
         for s in batch:
             r = s.request
             if r.sampling_params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens:
+                start = r.num_computed_tokens
+                count = min(start + s.num_new_tokens, r.num_prompt_tokens - 1) - start
                 try:
-                    out.prompt_logprobs[r.request_id] = self._prompt_logprobs(hidden, offset, s)
-                except Exception as e:  # e.g. a huge prompt_logprobs request running out of memory: its own fault
+                    logits = next(group) if count > 0 else None
+                    if isinstance(logits, Exception):
+                        raise logits
+                    out.prompt_logprobs[r.request_id] = self._prompt_logprobs(logits, r, start, count)
+                except Exception as e:  # its own fault: the engine stops this request, the batch goes on
                     logger.exception("request %s: prompt logprobs failed", r.request_id)
                     out.failed[r.request_id] = f"{type(e).__name__}: {e}"
-            offset += s.num_new_tokens
             if s.completes_prompt:
-                sample_rows.append(offset - 1)
                 sample_reqs.append(r)
         if sample_reqs:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            result = self.sampler(logits, sample_reqs)
+            result = self.sampler(sampled, sample_reqs)
             for i, (r, token, lp) in enumerate(zip(sample_reqs, result.token_ids, result.logprobs)):
                 if i in result.failed:
                     out.failed[r.request_id] = result.failed[i]
@@ -208,13 +274,34 @@ class ModelRunner:
                     out.logprobs[r.request_id] = lp
         return out
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, offset: int, s: ScheduledRequest) -> list[LogprobDict]:
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor | None, r: Any, start: int, count: int) -> list[LogprobDict]:
         """Log-probabilities of the prompt tokens that follow the positions computed this step."""
-        r = s.request
-        start = r.num_computed_tokens
-        end = min(start + s.num_new_tokens, r.num_prompt_tokens - 1)  # the last prompt position predicts output
-        if end <= start:
+        if logits is None:
             return []
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[offset:offset + end - start]).float(), dim=-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         num = r.sampling_params.prompt_logprobs or 0
-        return [top_logprobs(logprobs[j], r.prompt_token_ids[start + j + 1], num) for j in range(end - start)]
+        return [top_logprobs(logprobs[j], r.prompt_token_ids[start + j + 1], num) for j in range(count)]
+
+
+def kv_cache_blocks(runner: ModelRunner, gpu_memory_utilization: float, max_num_batched_tokens: int,
+                    override: int | None = None, cpu_space_bytes: int | None = None) -> int:
+    """KV blocks this rank can hold: the override; on GPU what the memory profile leaves; on CPU this rank's share
+    of the host budget (VLLM_CPU_KVCACHE_SPACE, else 4 GiB shrunk to the container's memory limit)."""
+    if override is not None:
+        return override
+    if runner.device.type == "cuda":
+        blocks = runner.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
+        if blocks < 1:
+            raise ValueError("no GPU memory left for the KV cache: raise gpu_memory_utilization or use a "
+                             "smaller model / max_num_batched_tokens")
+        return blocks
+    space = cpu_kv_cache_bytes(cpu_space_bytes, limit=memory_limit_bytes(), used=rss_bytes(),
+                               utilization=gpu_memory_utilization)
+    per_block = kv_bytes_per_block(runner.config, runner.block_size, runner.dtype)
+    return max(space // tp().size // per_block, 1)
+
+
+def host_cache_blocks(config: Any, block_size: int, dtype: torch.dtype, swap_space_gib: float) -> int:
+    """Host (swap) blocks in ``swap_space_gib`` GiB, per rank."""
+    return int(swap_space_gib * 2**30 // kv_bytes_per_block(config, block_size, dtype))

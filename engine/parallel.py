@@ -8,6 +8,7 @@ weight, so the single-process engine runs exactly the code it ran before tensor 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ class TensorParallel:
 
 
 _STATE = TensorParallel()
+_CPU_GROUP = None  # gloo group for plain-data messages when the tensors go over NCCL
 
 
 def tp() -> TensorParallel:
@@ -28,18 +30,38 @@ def tp() -> TensorParallel:
 
 def init_tensor_parallel(rank: int, size: int, init_method: str, backend: str | None = None) -> None:
     """Join the group of `size` ranks (gloo on CPU, NCCL on CUDA unless `backend` says otherwise)."""
-    global _STATE
+    global _STATE, _CPU_GROUP
+    if dist.is_initialized():
+        raise RuntimeError("a tensor-parallel group is already running in this process; shut its engine down first")
     if size > 1:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+        _CPU_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None
     _STATE = TensorParallel(rank, size)
 
 
 def destroy_tensor_parallel() -> None:
-    global _STATE
+    global _STATE, _CPU_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
-    _STATE = TensorParallel()
+    _STATE, _CPU_GROUP = TensorParallel(), None
+
+
+def broadcast_plan(plan: Any) -> Any:
+    """Rank 0 sends `plan` (plain, picklable data; None means stop); every other rank receives and returns it."""
+    box = [plan if _STATE.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=_CPU_GROUP)
+    return box[0]
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (each rank's KV cache must hold what the scheduler hands out)."""
+    if _STATE.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_CPU_GROUP)
+    return int(t.item())
+_CPU_GROUP = None  # gloo group for plain-data messages when the tensors go over NCCL
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,9 @@ def test_every_sample_renders_arguments_the_engine_parses(sample):
     ns = build_parser().parse_args(engine_args(svc))
     assert ns.command == "serve" and ns.port == 8000 and ns.host == "0.0.0.0"
     assert ns.served_model_name == [svc.served_model_name]
-    args = engine_args_from_cli(ns) if ns.tensor_parallel_size == 1 and ns.kv_cache_dtype == "auto" else None
+    args = engine_args_from_cli(ns) if ns.kv_cache_dtype == "auto" else None
     if args is not None:
+        assert args.tensor_parallel_size == svc.engine.tensor_parallel_size
         assert args.max_num_seqs == svc.engine.max_num_seqs
         assert args.enable_prefix_caching == svc.engine.enable_prefix_caching
         assert args.enable_chunked_prefill == svc.engine.enable_chunked_prefill
@@ -46,6 +47,8 @@ def test_disabled_features_reach_the_engine_as_disabled():
 
 
 def test_engine_refuses_what_it_cannot_do_yet():
-    svc = _service(SAMPLES / "llama-70b-tp4.yaml")
-    with pytest.raises(SystemExit, match="tensor-parallel"):
-        engine_args_from_cli(build_parser().parse_args(engine_args(svc)))
+    body = yaml.safe_load((SAMPLES / "llama-70b-tp4.yaml").read_text().split("---")[-1])
+    body["metadata"].update(namespace="default", uid="u")
+    body["spec"]["engine"]["kvCacheDtype"] = "fp8"
+    with pytest.raises(SystemExit, match="kv-cache-dtype fp8"):
+        engine_args_from_cli(build_parser().parse_args(engine_args(parse_service(body, "img"))))
