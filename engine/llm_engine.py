@@ -115,7 +115,7 @@ class LLMEngine:
         swap_gib = args.swap_space if args.preemption_mode == "swap" else None
         if args.tensor_parallel_size > 1:
             # Ranks 1..N-1 in their own processes, rank 0 here; all load their shard of the same resolved model.
-            self.workers = Workers(WorkerSpec(args.tensor_parallel_size, "", self.source, self.dtype,
+            self.workers = Workers(WorkerSpec(args.tensor_parallel_size, self.source, self.dtype,
                                               self.device.type, args.block_size, args.seed, kv_args, swap_gib))
             if self.device.type == "cpu":
                 torch.set_num_threads(cpu_threads(args.tensor_parallel_size))

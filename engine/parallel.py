@@ -61,7 +61,6 @@ def min_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.long)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_CPU_GROUP)
     return int(t.item())
-_CPU_GROUP = None  # gloo group for plain-data messages when the tensors go over NCCL
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

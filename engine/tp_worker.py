@@ -28,7 +28,6 @@ class WorkerSpec:
     """What a worker needs to build the same model shard and cache as rank 0 (all picklable)."""
 
     size: int
-    rendezvous: str
     source: Any  # model_loader.ModelSource, resolved (downloaded) by rank 0
     dtype: torch.dtype
     device_type: str
@@ -63,14 +62,13 @@ def cpu_threads(size: int) -> int:
 class Workers:
     """Rank 0's handle on ranks 1..N-1: start, check they live, stop."""
 
-    def __init__(self, spec_without_rendezvous: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         self._dir = tempfile.mkdtemp(prefix="flotilla-tp-")
-        self.rendezvous = f"file://{os.path.join(self._dir, 'rendezvous')}"
-        self.spec = WorkerSpec(**{**spec_without_rendezvous.__dict__, "rendezvous": self.rendezvous})
+        self.rendezvous = f"file://{os.path.join(self._dir, 'rendezvous')}"  # a file: no port to pick or lose
         context = multiprocessing.get_context("spawn")
-        self.processes = [context.Process(target=worker_main, args=(rank, self.spec), daemon=True,
+        self.processes = [context.Process(target=worker_main, args=(rank, self.rendezvous, spec), daemon=True,
                                           name=f"flotilla-tp-rank{rank}")
-                          for rank in range(1, self.spec.size)]
+                          for rank in range(1, spec.size)]
         for p in self.processes:
             p.start()
 
@@ -101,13 +99,10 @@ class Workers:
             raise done[0]
 
     def kill(self) -> None:
-        for p in self.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self.stop(timeout=0)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Wait up to `timeout` seconds for each worker to exit (after a stop plan), then kill what is left."""
         for p in self.processes:
             p.join(timeout=timeout)
             if p.is_alive():
@@ -116,7 +111,7 @@ class Workers:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def worker_main(rank: int, spec: WorkerSpec) -> None:
+def worker_main(rank: int, rendezvous: str, spec: WorkerSpec) -> None:
     _die_with_parent()
     from flotilla.engine.model_loader import load_config, load_model
     from flotilla.engine.model_runner import ModelRunner, host_cache_blocks, kv_cache_blocks
@@ -127,7 +122,7 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(cpu_threads(spec.size))
-    init_tensor_parallel(rank, spec.size, spec.rendezvous)
+    init_tensor_parallel(rank, spec.size, rendezvous)
     try:
         config = load_config(spec.source)
         torch.manual_seed(spec.seed)

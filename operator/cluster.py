@@ -62,9 +62,10 @@ class NotFound(Exception):
 class ApiError(Exception):
     """The API server refused a request. `permanent` when retrying the same request cannot help."""
 
-    def __init__(self, message: str, permanent: bool) -> None:
+    def __init__(self, message: str, permanent: bool, status: int = 0) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.status = status
 
 
 class Cluster(Protocol):
@@ -123,7 +124,7 @@ class KubeCluster:
                 raise NotFound(str(e)) from None
             # 409 (conflict), 429 and 5xx pass; 400/403/422 repeat until the spec or RBAC changes.
             raise ApiError(f"{status} {getattr(e, 'reason', '')}: {_api_message(e)}",
-                           permanent=status in (400, 403, 422)) from None
+                           permanent=status in (400, 403, 422), status=status) from None
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply as field manager `flotilla`: the operator owns the fields it renders and
@@ -144,7 +145,7 @@ class KubeCluster:
         try:
             return self._call(resource.create, body=dict(obj), namespace=meta.get("namespace")).to_dict()
         except ApiError as e:
-            if not str(e).startswith("409"):
+            if e.status != 409:  # 409: it exists already
                 raise
         current = self._call(resource.get, name=meta["name"], namespace=meta.get("namespace")).to_dict()
         have = {r.get("uid") for r in current["metadata"].get("ownerReferences") or ()}

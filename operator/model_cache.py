@@ -109,16 +109,16 @@ def cache_state(name: str, job: Mapping[str, Any] | None, pods: Sequence[Mapping
     st = job.get("status") or {}
     conditions = {c.get("type"): c for c in st.get("conditions") or () if c.get("status") == "True"}
     pods = sorted(pods, key=_created)
-    finished = [(p, r) for p in pods if (r := _report(p)) is not None]
+    reports = [r for p in pods if (r := _report(p)) is not None]  # oldest first
     if "Complete" in conditions:
-        report = next((r for _, r in reversed(finished) if "error" not in r), {})
+        report = next((r for r in reversed(reports) if "error" not in r), {})
         started, completed = _time(st.get("startTime")), _time(st.get("completionTime"))
         seconds = report.get("seconds")
         if seconds is None and started and completed:
             seconds = (completed - started).total_seconds()
         return CacheState(name, "Ready", f"loader Job {name} cached the model", report.get("bytes"), seconds,
                           report.get("path"))
-    error = next((r["error"] for _, r in reversed(finished) if "error" in r), None)
+    error = next((r["error"] for r in reversed(reports) if "error" in r), None)
     failed = int(st.get("failed") or 0)
     if "Failed" in conditions:
         since = _time(conditions["Failed"].get("lastTransitionTime"))

@@ -150,13 +150,14 @@ def _env(svc: InferenceService) -> list[dict[str, Any]]:
         # Read-only root filesystem: everything that caches (HF hub, Triton, torch) goes under /cache.
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
-        {"name": "FLOTILLA_CACHE", "value": f"{CACHE_MOUNT}/flotilla"},
         {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_MOUNT}/triton"},
     ]
     if svc.model_cache:
         # The weights are in the shared claim already (the loader Job put them there, or the user did): read
         # them from there and never reach for the network.
-        env = [e for e in env if e["name"] != "FLOTILLA_CACHE"] + _shared_cache_env(offline=True)
+        env += _shared_cache_env(offline=True)
+    else:
+        env.append({"name": "FLOTILLA_CACHE", "value": f"{CACHE_MOUNT}/flotilla"})
     if svc.api_key_secret_ref:
         ref = svc.api_key_secret_ref
         env.append({"name": "FLOTILLA_API_KEY",
