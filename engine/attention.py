@@ -8,7 +8,10 @@ refuses nesting, so metadata can never leak from one step into the next.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Protocol
 
 import torch
@@ -16,8 +19,11 @@ import torch
 from flotilla.kernels import dispatch
 from flotilla.kernels import paged_attention as ref
 
-# Environment override for ``select_backend``: torch | triton (auto when unset).
+# Environment override for ``select_backend``: torch | triton | cpu (auto when unset).
 BACKEND_ENV = "FLOTILLA_ATTENTION_BACKEND"
+BACKENDS = ("auto", "torch", "triton", "cpu")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,11 +85,59 @@ class TritonBackend:
         self.prefill_fresh = triton_paged_attention.varlen_causal_attention
 
 
+class CompiledCpuBackend:
+    """C++ kernels (``flotilla.kernels.cpu_ops``), the CPU path: cache writes and decode attention in one pass
+    over each sequence's K/V. Prefill stays on the references, whose per-sequence ``scaled_dot_product_attention``
+    is already torch's compiled, matmul-shaped CPU kernel (the one-pass kernel is slower there)."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        from flotilla.kernels import cpu_ops
+
+        load_cpu_kernels()
+        self.write_kv = cpu_ops.write_kv_cache
+        self.decode = cpu_ops.paged_decode_attention
+        self.prefill_paged = ref.paged_prefill_attention_ref
+        self.prefill_fresh = ref.varlen_causal_attention_ref
+
+
+def load_cpu_kernels() -> Path:
+    """The compiled CPU kernels, loaded: prebuilt (``FLOTILLA_CACHE_PREBUILT``/kernels, the CPU image's) or built
+    once into Flotilla's cache (``FLOTILLA_CACHE``/kernels). Raises ``BuildError`` with one line."""
+    from flotilla.engine.model_source import cache_root, prebuilt_cache_roots
+    from flotilla.kernels import cpu_ops
+
+    return cpu_ops.load(cache_root() / "kernels", [p / "kernels" for p in prebuilt_cache_roots()])
+
+
+def _compiled_cpu(required: bool) -> AttentionBackend:
+    from flotilla.kernels.cpu_build import BuildError
+
+    try:
+        return CompiledCpuBackend()
+    except BuildError as e:
+        if required:
+            raise ValueError(f"the cpu attention backend was asked for but {e}") from e
+        log.warning("CPU attention kernels unavailable (%s): using the slower torch path", e)
+        return TorchReferenceBackend()
+
+
 def select_backend(device: torch.device, name: str = "auto") -> AttentionBackend:
-    """The one place that picks an implementation: Triton on CUDA, the torch reference elsewhere.
-    ``name`` (``auto``/``torch``/``triton``) or the ``FLOTILLA_ATTENTION_BACKEND`` environment variable
-    overrides the choice; forcing Triton off CUDA needs ``TRITON_INTERPRET=1``."""
-    if dispatch.resolve(device, name, BACKEND_ENV) == "triton":
+    """The one place that picks an implementation: Triton on CUDA, the compiled CPU kernels on the CPU (the
+    torch reference, with a warning, where they cannot be built). ``name`` (``auto``/``torch``/``triton``/
+    ``cpu``) or the ``FLOTILLA_ATTENTION_BACKEND`` environment variable overrides the choice; forcing Triton
+    off CUDA needs ``TRITON_INTERPRET=1``."""
+    device = torch.device(device)
+    if name == "auto":
+        name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"the cpu attention backend runs on CPU tensors, not {device}")
+    if name == "cpu" or (name == "auto" and device.type == "cpu"):
+        return _compiled_cpu(required=name == "cpu")
+    if dispatch.resolve(device, name) == "triton":
         return TritonBackend()
     return TorchReferenceBackend()
 

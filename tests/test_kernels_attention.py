@@ -15,12 +15,10 @@ Tolerances (absolute = relative), kernel vs reference:
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from kernel_cases import DEVICE, DTYPES  # noqa: E402  (first: it sets TRITON_INTERPRET)
+from kernel_cases import DEVICE, DTYPES, context_lengths, paged_setup  # noqa: E402  (first: it sets TRITON_INTERPRET)
 
 from flotilla.kernels.paged_attention import (  # noqa: E402
     paged_decode_attention_ref,
@@ -39,39 +37,6 @@ PREFILL_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 # (heads, kv_heads): GQA ratios 1, 4 and 8
 GQA = [(4, 4), (8, 2), (8, 1)]
-
-
-def paged_setup(seq_lens: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                seed: int, extra_width: int = 2):
-    """A cache whose sequences own random, unordered blocks (with spare blocks and padded table rows that
-    must never be read), filled with random K/V. Returns caches, block tables, and each sequence's
-    K/V ``[len, kv_heads, head_dim]``."""
-    g = torch.Generator().manual_seed(seed)
-    need = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = sum(need) + 7
-    # Garbage, not zeros, in unused blocks: a kernel that reads past a context would be caught.
-    k_cache = (torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g) * 100).to(dtype)
-    v_cache = (torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g) * 100).to(dtype)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    width = max(need) + extra_width
-    tables, keys, values = [], [], []
-    for n, nb in zip(seq_lens, need):
-        blocks = [perm.pop() for _ in range(nb)]
-        tables.append(blocks + [perm[0]] * (width - nb))  # padding points at a real (garbage) block
-        k = torch.randn(n, kv_heads, head_dim, generator=g).to(dtype)
-        v = torch.randn(n, kv_heads, head_dim, generator=g).to(dtype)
-        for p in range(n):
-            k_cache[blocks[p // block_size], :, p % block_size] = k[p]
-            v_cache[blocks[p // block_size], :, p % block_size] = v[p]
-        keys.append(k)
-        values.append(v)
-    dev = DEVICE
-    return (k_cache.to(dev), v_cache.to(dev), torch.tensor(tables, dtype=torch.int32, device=dev), keys, values)
-
-
-def context_lengths(block_size: int) -> list[int]:
-    """1 token, a block minus one, exactly one block, one block plus one, several blocks plus a partial."""
-    return [1, block_size - 1, block_size, block_size + 1, 4 * block_size + 5]
 
 
 @pytest.mark.parametrize("heads, kv_heads", GQA)

@@ -1,6 +1,6 @@
 """End to end: the engine on the tiny Llama with every Triton kernel forced (under the interpreter on
-the CPU) generates exactly the greedy tokens of the torch reference path — through fresh prefill,
-chunked prefill over cached context, prefix-cache hits, and batched decode."""
+the CPU), and with the compiled CPU kernels, generates exactly the greedy tokens of the torch reference
+path — through fresh prefill, chunked prefill over cached context, prefix-cache hits, and batched decode."""
 
 from __future__ import annotations
 
@@ -10,14 +10,21 @@ import torch
 import kernel_cases  # noqa: E402,F401  (first: it sets TRITON_INTERPRET)
 
 from flotilla.engine import LLM, SamplingParams  # noqa: E402
-from flotilla.engine.attention import BACKEND_ENV, TorchReferenceBackend, TritonBackend, select_backend  # noqa: E402
+from flotilla.engine.attention import (  # noqa: E402
+    BACKEND_ENV,
+    CompiledCpuBackend,
+    TorchReferenceBackend,
+    TritonBackend,
+    select_backend,
+)
 from flotilla.kernels.elementwise import ELEMENTWISE_ENV  # noqa: E402
 
 
-def test_backend_selection_defaults_to_torch_off_cuda_and_obeys_overrides(monkeypatch):
+def test_backend_selection_defaults_to_compiled_kernels_on_cpu_and_obeys_overrides(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     cpu = torch.device("cpu")
-    assert isinstance(select_backend(cpu), TorchReferenceBackend)
+    assert isinstance(select_backend(cpu), CompiledCpuBackend)  # the suite's machines have a C++ compiler
+    assert isinstance(select_backend(cpu, "torch"), TorchReferenceBackend)
     assert isinstance(select_backend(cpu, "triton"), TritonBackend)  # allowed: TRITON_INTERPRET is set here
     monkeypatch.setenv(BACKEND_ENV, "triton")
     assert isinstance(select_backend(cpu), TritonBackend)
@@ -25,6 +32,8 @@ def test_backend_selection_defaults_to_torch_off_cuda_and_obeys_overrides(monkey
     if torch.cuda.is_available():
         monkeypatch.delenv(BACKEND_ENV)
         assert isinstance(select_backend(torch.device("cuda")), TritonBackend)
+        with pytest.raises(ValueError, match="CPU tensors"):
+            select_backend(torch.device("cuda"), "cpu")
     with pytest.raises(ValueError):
         select_backend(cpu, "flash")
 
@@ -35,9 +44,9 @@ def test_forcing_triton_on_cpu_without_the_interpreter_is_an_error(monkeypatch):
         select_backend(torch.device("cpu"), "triton")
 
 
-def _run(folder, backend: str, monkeypatch) -> list[list[int]]:
+def _run(folder, backend: str, monkeypatch, elementwise: str | None = None) -> list[list[int]]:
     monkeypatch.setenv(BACKEND_ENV, backend)
-    monkeypatch.setenv(ELEMENTWISE_ENV, backend)
+    monkeypatch.setenv(ELEMENTWISE_ENV, elementwise or backend)
     # A 16-token budget chunks the 30-token prompt: its second chunk attends to cached context.
     llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=True)
     assert llm.llm_engine.runner.backend.name == backend
@@ -56,3 +65,8 @@ def _run(folder, backend: str, monkeypatch) -> list[list[int]]:
 def test_engine_with_triton_kernels_generates_the_reference_greedy_tokens(tiny_llama, monkeypatch):
     reference = _run(tiny_llama, "torch", monkeypatch)
     assert _run(tiny_llama, "triton", monkeypatch) == reference
+
+
+def test_engine_with_compiled_cpu_kernels_generates_the_reference_greedy_tokens(tiny_llama, monkeypatch):
+    reference = _run(tiny_llama, "torch", monkeypatch)
+    assert _run(tiny_llama, "cpu", monkeypatch, elementwise="torch") == reference
