@@ -62,6 +62,8 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N ranks, one process each (N GPUs with NCCL; on CPU, gloo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the shapes the server will meet before /health turns 200 (--no-warmup: skip)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--disable-log-requests", action="store_true")
     p.add_argument("--max-queue-len", type=int, default=None,
@@ -145,7 +147,7 @@ def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
         enable_chunked_prefill=ns.enable_chunked_prefill, load_format=ns.load_format, seed=ns.seed,
         device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=True,
         revision=ns.revision, download_dir=ns.download_dir, hf_token=ns.hf_token,
-        tensor_parallel_size=ns.tensor_parallel_size,
+        tensor_parallel_size=ns.tensor_parallel_size, warmup=ns.warmup,
     )
 
 

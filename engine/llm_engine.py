@@ -24,7 +24,13 @@ from flotilla.engine.model_loader import (
     load_tokenizer,
     resolve_model,
 )
-from flotilla.engine.model_runner import ModelRunner, host_cache_blocks, kv_bytes_per_block, kv_cache_blocks
+from flotilla.engine.model_runner import (
+    ModelRunner,
+    host_cache_blocks,
+    kv_bytes_per_block,
+    kv_cache_blocks,
+    warm_up_plans,
+)
 from flotilla.engine.parallel import broadcast_plan, destroy_tensor_parallel, init_tensor_parallel, min_over_ranks
 from flotilla.engine.tp_worker import Workers, WorkerSpec, cpu_threads
 from flotilla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -143,6 +149,11 @@ class LLMEngine:
             logger.info("swap space: %d host blocks (%.2f GiB)", num_host_blocks, args.swap_space)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, swap_pool)
         self.max_model_len = max_model_len
+        if args.warmup:
+            t_warm = time.perf_counter()
+            plans = warm_up_plans(args.max_num_seqs, max_batched, max_model_len, args.block_size)
+            self.runner.warm_up(plans)
+            logger.info("warm-up: %d steps of the served shapes in %.1fs", len(plans), time.perf_counter() - t_warm)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
         self.prompt_tokens_total = 0
@@ -151,9 +162,9 @@ class LLMEngine:
         self.request_errors_total = 0
         self.model_load_seconds = time.perf_counter() - t0
         logger.info(
-            "engine ready: model %s, %s on %s, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d, load %.1fs",
-            self.source.name, self.dtype, self.device, num_blocks, args.block_size,
-            num_blocks * kv_bytes_per_block(self.model_config, args.block_size, self.dtype) / 2**30,
+            "engine ready: model %s, %s on %s, attention %s, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d, "
+            "load %.1fs", self.source.name, self.dtype, self.device, self.runner.backend.name, num_blocks,
+            args.block_size, num_blocks * kv_bytes_per_block(self.model_config, args.block_size, self.dtype) / 2**30,
             max_model_len, self.model_load_seconds)
 
     @classmethod

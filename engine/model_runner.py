@@ -55,6 +55,40 @@ class ModelRunnerOutput:
     failed: dict[str, str] = field(default_factory=dict)
 
 
+def warm_up_plans(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                  block_size: int) -> list[StepPlan]:
+    """Synthetic steps of the shapes a server meets, run before it reports ready so that its first requests
+    do not pay for first-use work (allocator growth, GEMM kernel selection, one-time code paths; graph capture
+    on a GPU): fresh prefills from 16 tokens up to the step budget, decode batches from 1 up to
+    ``max_num_seqs`` over a few hundred tokens of context, and decodes beside a prefill chunk over cached
+    context. Every slot is -1 (nothing is written) and every table reads block 0, so no request's KV is touched."""
+    budget = min(max_num_batched_tokens, max_model_len)
+    plans: list[StepPlan] = []
+
+    def step(decodes: int, context: int, new: int, prefill_context: int) -> StepPlan:
+        blocks = -(-context // block_size)
+        prefill_blocks = -(-(prefill_context + new) // block_size)
+        n = decodes + new
+        return StepPlan(
+            swap_out=[], swap_in=[], input_ids=[0] * n,
+            positions=[context - 1] * decodes + list(range(prefill_context, prefill_context + new)),
+            slots=[-1] * n, num_decodes=decodes,
+            decode_tables=[[0] * blocks] * decodes, decode_lens=[context] * decodes,
+            prefill_tables=[[0] * prefill_blocks] if new else [], prefill_lens=[prefill_context + new] if new else [],
+            query_start_loc=[0, new] if new else [0], has_context=prefill_context > 0,
+            logit_groups=[], sample_rows=list(range(decodes)) + ([n - 1] if new else []))
+
+    for tokens in sorted({min(t, budget) for t in (16, 128, 512, 2048)}):
+        plans.append(step(0, 1, tokens, 0))
+    context = min(256, max_model_len)
+    for batch in sorted({min(b, max_num_seqs, budget) for b in (1, 4, 16, 64, 256)}):
+        plans.append(step(batch, context, 0, 0))
+    decodes, chunk = min(4, max_num_seqs - 1), min(64, budget // 2, max_model_len // 2)
+    if decodes > 0 and chunk > 0 and decodes + chunk <= budget:
+        plans.append(step(decodes, context, chunk, chunk))
+    return plans
+
+
 def kv_head_shape(config: Any) -> tuple[int, int]:
     """(KV heads this tensor-parallel rank holds, head dim)."""
     num_heads = config.num_attention_heads
@@ -235,6 +269,13 @@ class ModelRunner:
         if plan.sample_rows:
             sampled = self.model.compute_logits(hidden[torch.tensor(plan.sample_rows, device=self.device)])
         return groups, sampled
+
+    def warm_up(self, plans: list[StepPlan]) -> None:
+        """Run synthetic steps (``warm_up_plans``) on every rank; their outputs are dropped."""
+        for plan in plans:
+            if tp().size > 1:
+                broadcast_plan(plan)
+            self.run_plan(plan)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from conftest import assert_pool_whole
 from flotilla.engine import LLM, AsyncLLMEngine, EngineArgs, LLMEngine, SamplingParams
@@ -126,3 +127,39 @@ def test_dummy_weights_load_from_a_config_alone(tmp_path, tiny_llama):
     llm = LLM(str(tmp_path), load_format="dummy", dtype="float32")
     (out,) = llm.generate("abc", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("device, flags, expected", [
+    ("cpu", {"avx512f", "avx512_bf16"}, torch.bfloat16),  # native bf16: ~1.6x fp32 (benchmarks/BENCHMARKS.md)
+    ("cpu", {"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16),
+    ("cpu", {"fp", "asimd", "bf16"}, torch.bfloat16),  # Arm
+    ("cpu", {"avx512f", "avx512_vnni"}, torch.float32),  # bf16 emulated: slower than fp32
+    ("cpu", set(), torch.float32),
+])
+def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_computes_it(device, flags, expected):
+    assert EngineArgs().resolve_dtype(torch.float32, torch.device(device), cpu_flags=flags) == expected
+    assert EngineArgs(dtype="float32").resolve_dtype(torch.float32, torch.device(device), cpu_flags=flags) == \
+        torch.float32  # an explicit dtype always wins
+
+
+def test_auto_dtype_engine_follows_this_machines_cpu(tiny_llama):
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    native = any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    engine = LLMEngine(EngineArgs(model=str(tiny_llama), max_model_len=64))
+    assert engine.dtype == (torch.bfloat16 if native else torch.float32)
+    assert next(engine.runner.model.parameters()).dtype == engine.dtype  # it runs in the dtype it reports
+
+
+def test_warm_up_runs_the_served_shapes_and_writes_no_kv(tiny_llama, caplog):
+    from flotilla.engine.model_runner import warm_up_plans
+
+    plans = warm_up_plans(max_num_seqs=32, max_num_batched_tokens=512, max_model_len=128, block_size=16)
+    assert max(len(p.input_ids) for p in plans) <= 128  # never past the budget nor the model length
+    assert {p.num_decodes for p in plans} >= {1, 4, 16, 32}  # decode batches up to max_num_seqs
+    assert any(p.has_context and p.num_decodes for p in plans)  # decodes beside a chunk over cached context
+    assert all(set(p.slots) == {-1} for p in plans)
+    with caplog.at_level("INFO", logger="flotilla.engine.llm_engine"):
+        engine = LLMEngine(EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=128, max_num_seqs=32))
+    assert any("warm-up:" in r.getMessage() for r in caplog.records)
+    assert engine.runner.kv_cache.count_nonzero() == 0  # the cache is as allocated: no request's KV touched

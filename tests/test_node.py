@@ -201,6 +201,9 @@ def test_the_cpu_sample_becomes_ready_with_facts_from_the_live_pod(node):
     assert engine["image"] == sample["spec"]["image"]
     assert pod["spec"]["securityContext"].get("runAsNonRoot") is True
     assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["spec"]["volumes"])  # /dev/shm
+    # The image's prebuilt CPU kernels load on this node's CPU (no compiler in the image to fall back on).
+    log = kubectl("logs", "-n", NS, pod["metadata"]["name"], "-c", engine["name"])
+    assert "attention cpu" in log and "kernels unavailable" not in log, log[-2000:]
     # The engine facts the operator scraped from the pod's /metrics.
     facts = wait_for(lambda: (isvc()["status"].get("engine") or None), timeout=120, what="engine facts in status")
     assert facts["maxModelLen"] == sample["spec"]["engine"]["maxModelLen"]
