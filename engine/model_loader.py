@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flotilla.engine.model_source import cache_root, fetch, parse_model_uri, prebuilt_cache_roots
+from flotilla.engine.layers.linear import pack_for_cpu
 from flotilla.engine.models.llama import MODEL_REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ def load_model(source: ModelSource, config: Any, dtype: torch.dtype, device: tor
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             param.data = param.data.to(dtype)
+    if device.type == "cpu":
+        pack_for_cpu(model)  # oneDNN's weight layout: the CPU's GEMMs are most of a step
     return model.eval()
 
 

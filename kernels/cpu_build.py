@@ -68,6 +68,8 @@ def isa_level(flags: set[str] | None = None, machine: str | None = None) -> str:
 
 def _flags(isa: str) -> list[str]:
     arch = [f"-march={isa}", "-mtune=generic"] if isa.startswith("x86-64") else []
+    if isa == "x86-64-v4":
+        arch.append("-mprefer-vector-width=512")  # generic tuning would keep AVX-512 code at 256-bit vectors
     return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *arch]
 
 

@@ -45,9 +45,10 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
     one_each = torch.arange(query.shape[0] + 1, dtype=torch.int32)
-    return torch.ops.flotilla_cpu.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, one_each, scale)
+    return paged_attention(query, k_cache, v_cache, block_tables, seq_lens, one_each, scale)
 
 
-def paged_prefill_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale) -> torch.Tensor:
+def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale) -> torch.Tensor:
+    """The one-pass kernel for any spans of new tokens (decode is one token per sequence)."""
     return torch.ops.flotilla_cpu.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                                   scale)

@@ -5,6 +5,7 @@ elsewhere, overridable by name or by an environment variable (tests force Triton
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -41,3 +42,17 @@ def resolve(device: torch.device | str, name: str = "auto", env_var: str | None 
         if device.type != "cuda" and not interpreting():
             raise ValueError(f"triton kernels need a CUDA device or TRITON_INTERPRET=1, not {device}")
     return name
+
+
+def block_triton_if_unused(override_envs: tuple[str, ...]) -> bool:
+    """For a process where no kernel can run on Triton (no CUDA, no interpreter, no ``override_envs`` variable
+    asking for it), make ``import triton`` fail as if it were not installed, so that libraries probing for it
+    (transformers imports torch._dynamo, which imports triton when present) leave it out: a CPU server then
+    neither loads it nor prints nanobind's leak report at exit. For process entry points only (``flotilla
+    serve``, tensor-parallel workers): a library must not change its host's imports. True when it blocked."""
+    if "triton" in sys.modules or interpreting() or torch.cuda.is_available():
+        return False
+    if any(os.environ.get(v, "").strip().lower() == "triton" for v in override_envs):
+        return False
+    sys.modules["triton"] = None  # the import system's own "not importable" marker
+    return True

@@ -80,7 +80,7 @@ def test_prefill_over_paged_context_matches_reference(heads, kv_heads, block_siz
     q = torch.randn(starts[-1], heads, 64).to(dtype)
     lens = torch.tensor([n for n, _ in spans], dtype=torch.int32)
     qsl = torch.tensor(starts, dtype=torch.int32)
-    out = cpu_ops.paged_prefill_attention(q, k_cache, v_cache, tables, lens, qsl, 0.125)
+    out = cpu_ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 0.125)
     expected = _oracle(paged_prefill_attention_ref, q, k_cache, v_cache, tables, lens, qsl, 0.125, dtype=dtype)
     _close(out, expected, dtype)
 
@@ -96,7 +96,7 @@ def test_decode_and_prefill_agree_with_dense_attention_written_out():
     dec = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125).double()
     starts = torch.tensor([0, 1, 5, 8], dtype=torch.int32)  # the last 1, 4, 3 tokens are new
     qp = torch.randn(8, heads, head_dim)
-    pre = cpu_ops.paged_prefill_attention(qp, k_cache, v_cache, tables, lens, starts, 0.125).double()
+    pre = cpu_ops.paged_attention(qp, k_cache, v_cache, tables, lens, starts, 0.125).double()
     for i, n in enumerate(seq_lens):
         k = keys[i].double().repeat_interleave(heads // kv_heads, dim=1)  # [n, H, D]
         v = values[i].double().repeat_interleave(heads // kv_heads, dim=1)

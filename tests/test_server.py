@@ -6,6 +6,7 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -21,8 +22,9 @@ KEY = "sk-test-flotilla"
 
 @pytest.fixture(scope="module")
 def server():
+    # TRITON_INTERPRET=0: as deployed on a CPU node (the kernel tests in this session set it for themselves).
     proc = ServerProcess(["--max-model-len", "512", "--dtype", "float32", "--max-queue-len", "64"],
-                         env={"FLOTILLA_API_KEY": KEY}).wait_ready()
+                         env={"FLOTILLA_API_KEY": KEY, "TRITON_INTERPRET": "0"}).wait_ready()
     yield proc
     assert proc.stop() == 0
 
@@ -40,6 +42,13 @@ def _metrics(server) -> dict[str, float]:
             key = sample.name + (f"{{{sample.labels.get('finished_reason')}}}" if "finished_reason" in sample.labels else "")
             values[key] = values.get(key, 0.0) + sample.value
     return values
+
+
+def test_a_cpu_server_never_loads_triton(server, client):
+    pytest.importorskip("triton")  # installed here, so something could load it
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)  # every code path of a request has run
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "triton" not in maps  # no libtriton.so mapped: neither imported nor able to print at exit
 
 
 def test_models_lists_the_served_name(client):

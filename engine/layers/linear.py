@@ -7,6 +7,10 @@ checkpoint's whole tensor and copies in this rank's part, so model code never do
 - ``RowParallelLinear``: input columns split; partial outputs summed with one all-reduce, then the bias.
 - ``VocabParallelEmbedding`` / ``lm_logits``: vocabulary rows split; lookups all-reduced, logits all-gathered.
 With one rank every layer holds the whole weight and computes exactly what ``nn.Linear`` / ``nn.Embedding`` do.
+
+On the CPU, ``pack_for_cpu`` moves every projection's weight, once loaded, into oneDNN's blocked layout and the layers
+multiply with oneDNN's matmul (the op torch's own CPU compiler emits): 1.3-1.9x aten's ``linear`` here at decode and
+prefill sizes (benchmarks/BENCHMARKS.md). The plain weight is dropped, so the weights are held once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from flotilla.engine.parallel import all_gather_last, all_reduce, tp
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` in oneDNN's blocked layout, for ``torch.ops.mkldnn._linear_pointwise``; None where oneDNN cannot
+    take it (not on the CPU, fp16, a torch build without oneDNN)."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class _Packable(nn.Module):
+    """A layer whose ``weight`` (``[out, in]``) may be replaced by its oneDNN-packed form on the CPU."""
+
+    packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self, keep_weight: bool = False) -> bool:
+        packed = _onednn_pack(self.weight)
+        if packed is None:
+            return False
+        self.packed = packed
+        if not keep_weight:  # an empty stand-in keeps the dtype and device the rest of the engine reads
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        return True
+
+
+def pack_for_cpu(model: nn.Module) -> int:
+    """Pack every projection and LM head of a loaded model for oneDNN (see the module doc); the input embedding
+    keeps its plain rows for lookups beside the packed copy that computes tied logits. Returns layers packed."""
+    return sum(m.pack_for_cpu(keep_weight=not name.endswith("lm_head") and isinstance(m, VocabParallelEmbedding))
+               for name, m in model.named_modules() if isinstance(m, _Packable))
 
 
 def load_whole(param: torch.Tensor, loaded: torch.Tensor, shard: str | None = None) -> None:
@@ -29,7 +75,7 @@ def _with_loader(param: nn.Parameter, loader) -> nn.Parameter:
     return param
 
 
-class PackedColumnParallelLinear(nn.Module):
+class PackedColumnParallelLinear(_Packable):
     """``parts`` maps each packed part (``"q"``, ``"k"``, ...) to ``(first checkpoint row, rows)`` for this rank,
     in packing order."""
 
@@ -54,7 +100,7 @@ class PackedColumnParallelLinear(nn.Module):
         param.data[self.offsets[shard]:self.offsets[shard] + rows].copy_(loaded[start:start + rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _matmul(x, self.weight, self.packed, self.bias)
 
 
 def column_parts(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
@@ -69,7 +115,7 @@ def column_parts(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
     return out
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Packable):
     def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
         super().__init__()
         t = tp()
@@ -85,11 +131,11 @@ class RowParallelLinear(nn.Module):
         load_whole(param, loaded[:, start:start + self.local_in])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(F.linear(x, self.weight))
+        out = all_reduce(_matmul(x, self.weight, self.packed))
         return out if self.bias is None else out + self.bias
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(_Packable):
     """Rows ``[rank × per_rank, (rank + 1) × per_rank)`` of the vocabulary (the last rank's tail is padding)."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
@@ -116,4 +162,4 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden @ W.T`` over the whole vocabulary (every rank gets all of it)."""
-        return all_gather_last(F.linear(hidden, self.weight))[..., :self.vocab_size]
+        return all_gather_last(_matmul(hidden, self.weight, self.packed))[..., :self.vocab_size]

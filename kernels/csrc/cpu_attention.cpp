@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -25,7 +26,8 @@
 
 namespace {
 
-constexpr int64_t kTile = 8;  // query tokens per unit in prefill spans
+constexpr int64_t kTile = 8;      // query tokens per unit in prefill spans
+constexpr int64_t kPrefetch = 2;  // blocks ahead whose K/V are prefetched
 
 template <typename T>
 inline void widen(const T* src, float* dst, int64_t n) {
@@ -107,14 +109,20 @@ void attend_units(const at::Tensor& query, const at::Tensor& k_cache, const at::
   const int32_t* bt_ptr = block_tables.data_ptr<int32_t>();
   T* o_ptr = out.data_ptr<T>();
   constexpr bool kInPlace = std::is_same<T, float>::value;
+  const int64_t tile_bytes = block_size * head_dim * static_cast<int64_t>(sizeof(T));
 
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+  // Units differ in length (ragged contexts): threads take the next unit as they finish one, longest first
+  // (the caller's order), rather than a fixed equal share of units each.
+  const int64_t num_units = static_cast<int64_t>(units.size());
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_units));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t max_rows = kTile * group;
     std::vector<float> qf(max_rows * head_dim), acc(max_rows * head_dim), row_max(max_rows), denom(max_rows);
     std::vector<int64_t> limit(max_rows);  // keys visible to each row (its position + 1)
     std::vector<float> kt(kInPlace ? 0 : block_size * head_dim), vt(kInPlace ? 0 : block_size * head_dim);
     std::vector<float> scores(block_size);
-    for (int64_t u = begin; u < end; ++u) {
+    for (int64_t u = next.fetch_add(1); u < num_units; u = next.fetch_add(1)) {
       const Unit& w = units[u];
       const int64_t seq_len = seq_lens[w.seq];
       const int64_t q_len = q_starts[w.seq + 1] - q_starts[w.seq];
@@ -139,10 +147,23 @@ void attend_units(const at::Tensor& query, const at::Tensor& k_cache, const at::
 
       const int32_t* table = bt_ptr + w.seq * bt_stride;
       const int64_t num_blocks = (visible + block_size - 1) / block_size;
+      // A sequence's blocks are scattered over the pool, which defeats the hardware prefetcher: fetch the K/V
+      // tiles kPrefetch blocks ahead while this block is computed.
+      const auto prefetch = [&](int64_t b) {
+        const int64_t at = static_cast<int64_t>(table[b]) * c_block_stride + w.kv_head * c_head_stride;
+        const char* k = reinterpret_cast<const char*>(k_ptr + at);
+        const char* v = reinterpret_cast<const char*>(v_ptr + at);
+        for (int64_t line = 0; line < tile_bytes; line += 64) {
+          __builtin_prefetch(k + line);
+          __builtin_prefetch(v + line);
+        }
+      };
+      for (int64_t b = 0; b < std::min(kPrefetch, num_blocks); ++b) prefetch(b);
       for (int64_t b = 0; b < num_blocks; ++b) {
         const int64_t start = b * block_size;
         const int64_t n = std::min(block_size, visible - start);
         const int64_t offset = static_cast<int64_t>(table[b]) * c_block_stride + w.kv_head * c_head_stride;
+        if (b + kPrefetch < num_blocks) prefetch(b + kPrefetch);
         const float* keys;
         const float* values;
         if constexpr (kInPlace) {
@@ -227,6 +248,9 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
     for (int64_t t = starts[s]; t < starts[s + 1]; t += kTile)
       for (int64_t h = 0; h < num_kv_heads; ++h) units.push_back({s, h, t, std::min(t + kTile, starts[s + 1])});
   }
+  std::stable_sort(units.begin(), units.end(), [&](const Unit& a, const Unit& b) {
+    return lens[a.seq] * (a.q_end - a.q_begin) > lens[b.seq] * (b.q_end - b.q_begin);
+  });
   at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
   const auto run = [&](auto element) {
     using T = decltype(element);
