@@ -103,15 +103,22 @@ if ! { [[ -S /run/containerd/containerd.sock ]] && ctr version > /dev/null 2>&1;
   wait_for containerd 30 test -S /run/containerd/containerd.sock
 fi
 # images: the pause image and the project's own (build-images.sh, build-project-images.sh), each imported once
-# per build (a marker in containerd's own root, which holds the images)
+# per build (a marker in containerd's own root, which holds the images: the archive's stamp, then the image names
+# it holds). An image that is gone from containerd although its marker says imported is imported again.
 mkdir -p "$V/containerd/flotilla-imported"
+present=$(ctr -n k8s.io images ls -q)
 for archive in "$D/pause.oci.tar" "$D"/images/*.tar; do
   marker=$V/containerd/flotilla-imported/$(basename "$archive").stamp
   stamp=$(stat -c %Y-%s "$archive")
-  if [[ $(cat "$marker" 2>/dev/null) != "$stamp" ]]; then
+  fresh=0
+  if [[ $(head -1 "$marker" 2>/dev/null) == "$stamp" ]]; then
+    fresh=1
+    while read -r ref; do grep -qxF "$ref" <<< "$present" || fresh=0; done < <(tail -n +2 "$marker")
+  fi
+  if [[ $fresh != 1 ]]; then
     t=$SECONDS
-    ctr -n k8s.io images import "$archive" > /dev/null
-    echo "$stamp" > "$marker"
+    out=$(ctr -n k8s.io images import "$archive")
+    { echo "$stamp"; sed -n 's/^unpacking \([^ ]*\) .*/\1/p' <<< "$out"; } > "$marker"
     echo "imported $(basename "$archive") in $((SECONDS - t))s"
   fi
 done
@@ -132,6 +139,9 @@ authentication:
 authorization: {mode: AlwaysAllow}
 resolvConf: /etc/resolv.conf
 registerNode: true
+# No registry can be reached: an image the kubelet garbage-collects (the pause image included) cannot come back.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 EOF
 spawn kubelet "$NBIN/kubelet" --config="$W/kubelet.yaml" --kubeconfig="$W/kubelet.kubeconfig" \
   --root-dir="$V/kubelet" --hostname-override=$NODE --node-ip=$NODE_IP ${KUBELET_EXTRA:-} --v=2
