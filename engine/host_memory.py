@@ -36,6 +36,21 @@ def rss_bytes() -> int:
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (``/proc/self/clear_refs`` value 5 resets the kernel's ``VmHWM``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """The largest resident memory of this process since start or ``reset_peak_rss`` (``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return rss_bytes()
+
+
 def cpu_kv_cache_bytes(configured: int | None, limit: int | None, used: int, utilization: float) -> int:
     """Bytes for the KV cache on CPU. A `configured` space (VLLM_CPU_KVCACHE_SPACE) is the user's word and kept
     as given. Otherwise 4 GiB (vLLM's default), shrunk under a memory limit to what is left of

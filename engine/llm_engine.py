@@ -16,6 +16,7 @@ import torch
 from flotilla.engine.block_manager import BlockManager, SwapPool
 from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, cpu_kvcache_gib_setting
 from flotilla.engine.detokenizer import IncrementalDetokenizer
+from flotilla.engine.host_memory import peak_rss_bytes, reset_peak_rss
 from flotilla.engine.model_loader import (
     config_dtype,
     generation_eos_ids,
@@ -129,7 +130,16 @@ class LLMEngine:
         torch.manual_seed(args.seed)
         model = load_model(self.source, self.model_config, self.dtype, self.device, args.seed)
         self.runner = ModelRunner(model, self.model_config, self.device, self.dtype, args.block_size, args.seed)
-        num_blocks = min_over_ranks(kv_cache_blocks(self.runner, **kv_args))
+        # On one CPU rank the warm-up runs first, on a one-block cache, so that the KV cache is sized beside the
+        # measured peak of the largest steps: under a container memory limit that peak must fit too.
+        warm_first = args.warmup and self.device.type == "cpu" and args.tensor_parallel_size == 1
+        used = None
+        if warm_first:
+            self.runner.allocate_kv_cache(1)
+            reset_peak_rss()
+            self._warm_up(args, max_batched, max_model_len)
+            used = peak_rss_bytes()
+        num_blocks = min_over_ranks(kv_cache_blocks(self.runner, **kv_args, used=used))
         capacity = num_blocks * args.block_size
         if capacity < max_model_len:
             if args.max_model_len is not None:
@@ -149,11 +159,8 @@ class LLMEngine:
             logger.info("swap space: %d host blocks (%.2f GiB)", num_host_blocks, args.swap_space)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, swap_pool)
         self.max_model_len = max_model_len
-        if args.warmup:
-            t_warm = time.perf_counter()
-            plans = warm_up_plans(args.max_num_seqs, max_batched, max_model_len, args.block_size)
-            self.runner.warm_up(plans)
-            logger.info("warm-up: %d steps of the served shapes in %.1fs", len(plans), time.perf_counter() - t_warm)
+        if args.warmup and not warm_first:
+            self._warm_up(args, max_batched, max_model_len)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
         self.prompt_tokens_total = 0
@@ -166,6 +173,12 @@ class LLMEngine:
             "load %.1fs", self.source.name, self.dtype, self.device, self.runner.backend.name, num_blocks,
             args.block_size, num_blocks * kv_bytes_per_block(self.model_config, args.block_size, self.dtype) / 2**30,
             max_model_len, self.model_load_seconds)
+
+    def _warm_up(self, args: EngineArgs, max_batched: int, max_model_len: int) -> None:
+        t = time.perf_counter()
+        plans = warm_up_plans(args.max_num_seqs, max_batched, max_model_len, args.block_size)
+        self.runner.warm_up(plans)
+        logger.info("warm-up: %d steps of the served shapes in %.1fs", len(plans), time.perf_counter() - t)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

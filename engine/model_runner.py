@@ -326,9 +326,10 @@ class ModelRunner:
 
 
 def kv_cache_blocks(runner: ModelRunner, gpu_memory_utilization: float, max_num_batched_tokens: int,
-                    override: int | None = None, cpu_space_bytes: int | None = None) -> int:
+                    override: int | None = None, cpu_space_bytes: int | None = None, used: int | None = None) -> int:
     """KV blocks this rank can hold: the override; on GPU what the memory profile leaves; on CPU this rank's share
-    of the host budget (VLLM_CPU_KVCACHE_SPACE, else 4 GiB shrunk to the container's memory limit)."""
+    of the host budget (VLLM_CPU_KVCACHE_SPACE, else 4 GiB shrunk to the container's memory limit). ``used``: the
+    process's footprint to leave room for on CPU (a measured peak), else its resident memory now."""
     if override is not None:
         return override
     if runner.device.type == "cuda":
@@ -337,7 +338,7 @@ def kv_cache_blocks(runner: ModelRunner, gpu_memory_utilization: float, max_num_
             raise ValueError("no GPU memory left for the KV cache: raise gpu_memory_utilization or use a "
                              "smaller model / max_num_batched_tokens")
         return blocks
-    space = cpu_kv_cache_bytes(cpu_space_bytes, limit=memory_limit_bytes(), used=rss_bytes(),
+    space = cpu_kv_cache_bytes(cpu_space_bytes, limit=memory_limit_bytes(), used=rss_bytes() if used is None else used,
                                utilization=gpu_memory_utilization)
     per_block = kv_bytes_per_block(runner.config, runner.block_size, runner.dtype)
     return max(space // tp().size // per_block, 1)
