@@ -142,6 +142,14 @@ def select_backend(device: torch.device, name: str = "auto") -> AttentionBackend
     return TorchReferenceBackend()
 
 
+def block_unused_triton() -> None:
+    """For a process entry point (``flotilla serve``, a tensor-parallel worker): when no kernel can run on Triton
+    here, it is never loaded (see ``dispatch.block_triton_if_unused``)."""
+    from flotilla.kernels.elementwise import ELEMENTWISE_ENV
+
+    dispatch.block_triton_if_unused((BACKEND_ENV, ELEMENTWISE_ENV))
+
+
 _current: AttentionMetadata | None = None
 
 

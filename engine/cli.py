@@ -254,15 +254,6 @@ class _DrainingServer:
         self.server.run()
 
 
-def block_unused_triton() -> None:
-    """CPU-only processes never load triton (see ``dispatch.block_triton_if_unused``)."""
-    from flotilla.engine.attention import BACKEND_ENV
-    from flotilla.kernels.dispatch import block_triton_if_unused
-    from flotilla.kernels.elementwise import ELEMENTWISE_ENV
-
-    block_triton_if_unused((BACKEND_ENV, ELEMENTWISE_ENV))
-
-
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     # `download` is a step in a loader Job or a script: its stderr is the one line of an error, nothing more.
@@ -271,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("httpx", "httpx2"):  # one line per HTTP request the hub client makes
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if ns.command == "serve":
+        from flotilla.engine.attention import block_unused_triton
+
         block_unused_triton()
         return serve(ns)
     if ns.command == "download":

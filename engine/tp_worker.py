@@ -113,7 +113,7 @@ class Workers:
 
 def worker_main(rank: int, rendezvous: str, spec: WorkerSpec) -> None:
     _die_with_parent()
-    from flotilla.engine.cli import block_unused_triton
+    from flotilla.engine.attention import block_unused_triton
     from flotilla.engine.model_loader import load_config, load_model
     from flotilla.engine.model_runner import ModelRunner, host_cache_blocks, kv_cache_blocks
     from flotilla.engine.parallel import broadcast_plan, destroy_tensor_parallel, init_tensor_parallel, min_over_ranks

@@ -60,7 +60,7 @@ class _Packable(nn.Module):
 def pack_for_cpu(model: nn.Module) -> int:
     """Pack every projection and LM head of a loaded model for oneDNN (see the module doc); the input embedding
     keeps its plain rows for lookups beside the packed copy that computes tied logits. Returns layers packed."""
-    return sum(m.pack_for_cpu(keep_weight=not name.endswith("lm_head") and isinstance(m, VocabParallelEmbedding))
+    return sum(m.pack_for_cpu(keep_weight=isinstance(m, VocabParallelEmbedding) and name != "lm_head")
                for name, m in model.named_modules() if isinstance(m, _Packable))
 
 
