@@ -46,6 +46,9 @@ class AttentionBackend(Protocol):
     CPU implement the same calls with the same tensor layouts (see ``flotilla.kernels.paged_attention``)."""
 
     name: str
+    # True: fresh prompts too are attended from the paged cache (the layer has just written their K/V there)
+    # through ``prefill_paged``; False: through ``prefill_fresh`` on the step's own K/V.
+    prefill_from_cache: bool
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None: ...
 
@@ -62,6 +65,7 @@ class TorchReferenceBackend:
     """Plain PyTorch: the CPU path and the oracle the Triton kernels are tested against."""
 
     name = "torch"
+    prefill_from_cache = False
 
     write_kv = staticmethod(ref.write_kv_cache_ref)
     decode = staticmethod(ref.paged_decode_attention_ref)
@@ -74,6 +78,7 @@ class TritonBackend:
     ``TRITON_INTERPRET=1``, which is how the CPU suite checks it against ``TorchReferenceBackend``."""
 
     name = "triton"
+    prefill_from_cache = False
 
     def __init__(self) -> None:
         # Imported here: triton is a Linux-only dependency and the torch path must not need it.
@@ -86,11 +91,12 @@ class TritonBackend:
 
 
 class CompiledCpuBackend:
-    """C++ kernels (``flotilla.kernels.cpu_ops``), the CPU path: cache writes and decode attention in one pass
-    over each sequence's K/V. Prefill stays on the references, whose per-sequence ``scaled_dot_product_attention``
-    is already torch's compiled, matmul-shaped CPU kernel (the one-pass kernel is slower there)."""
+    """C++ kernels (``flotilla.kernels.cpu_ops``), the CPU path: cache writes, and attention in one pass over each
+    sequence's paged K/V for decodes and prefill spans alike (fresh prompts are read back from the cache: the
+    kernel is several times faster there than per-sequence ``scaled_dot_product_attention``)."""
 
     name = "cpu"
+    prefill_from_cache = True
 
     def __init__(self) -> None:
         from flotilla.kernels import cpu_ops
@@ -98,8 +104,8 @@ class CompiledCpuBackend:
         load_cpu_kernels()
         self.write_kv = cpu_ops.write_kv_cache
         self.decode = cpu_ops.paged_decode_attention
-        self.prefill_paged = ref.paged_prefill_attention_ref
-        self.prefill_fresh = ref.varlen_causal_attention_ref
+        self.prefill_paged = cpu_ops.paged_attention
+        self.prefill_fresh = ref.varlen_causal_attention_ref  # unused: prefill_from_cache
 
 
 def load_cpu_kernels() -> Path:

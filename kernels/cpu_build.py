@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 NAME = "flotilla_cpu_kernels"
 
 # x86-64 micro-architecture levels, by the /proc/cpuinfo flags each one needs beyond the previous level.
@@ -77,7 +78,7 @@ def library_name(isa: str) -> str:
     import torch
 
     digest = hashlib.sha256()
-    for src in SOURCES:
+    for src in [*SOURCES, *HEADERS]:
         digest.update(src.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(" ".join(_flags(isa)).encode())

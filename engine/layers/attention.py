@@ -34,7 +34,7 @@ class PagedAttention(nn.Module):
         if nd:
             out[:nd] = backend.decode(q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables,
                                       meta.decode_seq_lens, self.scale)
-        if meta.prefill_has_context:
+        if meta.prefill_has_context or backend.prefill_from_cache:
             out[nd:] = backend.prefill_paged(q[nd:], self.k_cache, self.v_cache, meta.prefill_block_tables,
                                              meta.prefill_seq_lens, meta.prefill_query_start_loc, self.scale)
         else:

@@ -24,6 +24,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_vec.h"
+
 namespace {
 
 constexpr int64_t kTile = 8;      // query tokens per unit in prefill spans
@@ -47,27 +49,10 @@ inline void widen<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n
   }
 }
 
-// exp for x <= 0 (scores minus their running max), vectorisable: 2^n * e^r with |r| <= ln2/2 and Cephes'
-// degree-6 polynomial for e^r (about 1 ulp). Arguments below -87 give ~1e-38 rather than 0: a weight of
-// nothing next to the row's maximum, which weighs 1.
+// exp of the scores minus their running max (<= 0), in place.
 inline void exp_inplace(float* x, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = std::max(x[i], -87.f);
-    const float k = std::floor(v * 1.44269504088896341f + 0.5f);
-    const float r = v - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    x[i] = p * scale;
-  }
+  for (int64_t i = 0; i < n; ++i) x[i] = flotilla_cpu::exp_poly(x[i]);
 }
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -212,6 +197,237 @@ void attend_units(const at::Tensor& query, const at::Tensor& k_cache, const at::
   });
 }
 
+#if defined(__AVX512F__)
+// ---- AVX-512 path: 16 keys at a time, scores as one vector, accumulators in registers --------------------------
+//
+// For each run of 16 keys of a block and each query row: the 16 dot products are reduced together into one vector
+// of scores (a transpose-and-add tree, about 3 instructions a score instead of a full horizontal sum each), the
+// online softmax runs on that vector, and the 16 value rows are added into the rows' outputs, held in registers
+// (up to kAccRegs vectors: 4 rows of head_dim 64, 2 of 128, per pass over the run). bf16 keys are multiplied in
+// place with vdpbf16ps where the CPU has AVX512-BF16 (exact bf16 products, fp32 sums); elsewhere they, and bf16
+// values always, are widened in registers. Needs block_size % 16 == 0 (every run is inside its block's tile).
+
+constexpr int64_t kKeys = 16;
+constexpr int kAccRegs = 16;
+constexpr int64_t kRuns = 4;  // runs of 16 keys per span
+
+// Lane i of the result = the sum of the 16 lanes of v[i].
+inline __m512 sum16(const __m512* v) {
+  __m512 w[4];
+  for (int g = 0; g < 4; ++g) {
+    const __m512 a = v[4 * g], b = v[4 * g + 1], c = v[4 * g + 2], d = v[4 * g + 3];
+    // per 128-bit lane L: ab = [a0+a2, b0+b2, a1+a3, b1+b3], then w = [sum a, sum b, sum c, sum d] over lane L
+    const __m512d ab = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)));
+    const __m512d cd = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d)));
+    w[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
+  }
+  // add the four 128-bit lanes of each w[g]: lane g of the result holds w[g]'s four totals
+  const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+  const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, 0x88), _mm512_shuffle_f32x4(z01, z23, 0xDD));
+}
+
+using flotilla_cpu::exp512;
+using flotilla_cpu::load16;
+
+// The raw scores q . k_j of 16 consecutive keys (rows of kDim elements), fp32 multiply-adds.
+template <typename T, int64_t kDim>
+inline __m512 scores16(const float* q, const T* keys) {
+  __m512 qv[kDim / 16], acc[kKeys];
+  for (int c = 0; c < kDim / 16; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  for (int j = 0; j < kKeys; ++j) {
+    acc[j] = _mm512_mul_ps(qv[0], load16(keys + j * kDim));
+    for (int c = 1; c < kDim / 16; ++c) acc[j] = _mm512_fmadd_ps(qv[c], load16(keys + j * kDim + 16 * c), acc[j]);
+  }
+  return sum16(acc);
+}
+
+// The same for bf16 query and keys with AVX512-BF16's pairwise dot product (a separate target: called only where
+// the CPU has it).
+template <int64_t kDim>
+__attribute__((target("avx512bf16"), noinline)) __m512 scores16_dpbf16(const c10::BFloat16* q,
+                                                                       const c10::BFloat16* keys) {
+  __m512i qv[kDim / 32];
+  __m512 acc[kKeys];
+  for (int c = 0; c < kDim / 32; ++c) qv[c] = _mm512_loadu_si512(q + 32 * c);
+  for (int j = 0; j < kKeys; ++j) {
+    acc[j] = _mm512_setzero_ps();
+    for (int c = 0; c < kDim / 32; ++c)
+      acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)qv[c], (__m512bh)_mm512_loadu_si512(keys + j * kDim + 32 * c));
+  }
+  return sum16(acc);
+}
+
+bool cpu_has_avx512bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+template <typename T, int64_t kDim>
+void attend_units_avx512(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& block_tables, const std::vector<int64_t>& seq_lens,
+                         const std::vector<int64_t>& q_starts, const std::vector<Unit>& units, float scale,
+                         at::Tensor& out) {
+  constexpr int64_t kRowsPerPass = kAccRegs / (kDim / 16);
+  constexpr int64_t kSpan = kRuns * kKeys;
+  constexpr bool kBf16 = std::is_same<T, c10::BFloat16>::value;
+  const bool dp = kBf16 && cpu_has_avx512bf16();
+  const int64_t num_heads = query.size(1), num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t q_tok_stride = query.stride(0), q_head_stride = query.stride(1);
+  const int64_t o_tok_stride = out.stride(0), o_head_stride = out.stride(1);
+  const int64_t c_block_stride = k_cache.stride(0), c_head_stride = k_cache.stride(1);
+  const int64_t bt_stride = block_tables.stride(0);
+  const T* q_ptr = query.data_ptr<T>();
+  const T* k_ptr = k_cache.data_ptr<T>();
+  const T* v_ptr = v_cache.data_ptr<T>();
+  const int32_t* bt_ptr = block_tables.data_ptr<int32_t>();
+  T* o_ptr = out.data_ptr<T>();
+  const int64_t tile_bytes = block_size * kDim * static_cast<int64_t>(sizeof(T));
+
+  const int64_t num_units = static_cast<int64_t>(units.size());
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_units));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const int64_t max_rows = kTile * group;
+    std::vector<float> qf(max_rows * kDim), acc(max_rows * kDim), row_max(max_rows), denom(max_rows * kKeys);
+    std::vector<T> qraw(max_rows * kDim);
+    std::vector<int64_t> limit(max_rows);
+    alignas(64) float probs[kRowsPerPass][kSpan];
+    for (int64_t u = next.fetch_add(1); u < num_units; u = next.fetch_add(1)) {
+      const Unit& w = units[u];
+      const int64_t seq_len = seq_lens[w.seq];
+      const int64_t q_len = q_starts[w.seq + 1] - q_starts[w.seq];
+      const int64_t first_pos = seq_len - q_len;
+      const int64_t rows = (w.q_end - w.q_begin) * group;
+      int64_t visible = 0;
+      for (int64_t t = w.q_begin; t < w.q_end; ++t) {
+        const int64_t pos = first_pos + (t - q_starts[w.seq]);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t r = (t - w.q_begin) * group + g;
+          const T* src = q_ptr + t * q_tok_stride + (w.kv_head * group + g) * q_head_stride;
+          if (dp) std::memcpy(qraw.data() + r * kDim, src, kDim * sizeof(T));
+          else widen(src, qf.data() + r * kDim, kDim);
+          limit[r] = pos + 1;
+        }
+        visible = std::max(visible, pos + 1);
+      }
+      std::fill(acc.begin(), acc.begin() + rows * kDim, 0.f);
+      std::fill(row_max.begin(), row_max.begin() + rows, -std::numeric_limits<float>::infinity());
+      std::fill(denom.begin(), denom.begin() + rows * kKeys, 0.f);  // per-lane partial sums, added up at the end
+
+      const int32_t* table = bt_ptr + w.seq * bt_stride;
+      const int64_t num_blocks = (visible + block_size - 1) / block_size;
+      const auto prefetch = [&](int64_t b) {
+        const int64_t at = static_cast<int64_t>(table[b]) * c_block_stride + w.kv_head * c_head_stride;
+        const char* k = reinterpret_cast<const char*>(k_ptr + at);
+        const char* v = reinterpret_cast<const char*>(v_ptr + at);
+        for (int64_t line = 0; line < tile_bytes; line += 64) {
+          __builtin_prefetch(k + line);
+          __builtin_prefetch(v + line);
+        }
+      };
+      int64_t prefetched = std::min(kPrefetch, num_blocks);  // blocks [0, prefetched) have been asked for
+      for (int64_t b = 0; b < prefetched; ++b) prefetch(b);
+      // Spans of up to kRuns runs of 16 keys: each run lies in one block (block_size % 16 == 0); the softmax's
+      // reductions (max, rescale) are paid once per span rather than once per run.
+      for (int64_t start = 0; start < visible; start += kSpan) {
+        const int64_t span = std::min(kSpan, visible - start);
+        const int64_t runs = (span + kKeys - 1) / kKeys;
+        const T* keys[kRuns];
+        const T* values[kRuns];
+        for (int64_t k = 0; k < runs; ++k) {
+          const int64_t p = start + k * kKeys, b = p / block_size;
+          const int64_t at = static_cast<int64_t>(table[b]) * c_block_stride + w.kv_head * c_head_stride +
+                             (p - b * block_size) * kDim;
+          keys[k] = k_ptr + at;
+          values[k] = v_ptr + at;
+        }
+        for (const int64_t ahead = std::min(num_blocks, (start + span - 1) / block_size + 1 + kPrefetch);
+             prefetched < ahead; ++prefetched)
+          prefetch(prefetched);
+        for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerPass) {
+          const int64_t nr = std::min(kRowsPerPass, rows - r0);
+          int64_t used = 0;  // keys of the span some row of the pass sees
+          float correction[kRowsPerPass];
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t r = r0 + i;
+            const int64_t seen = std::max<int64_t>(0, std::min<int64_t>(span, limit[r] - start));
+            correction[i] = 1.f;
+            if (seen == 0) continue;  // a prefill row whose position comes before the span: nothing to add
+            used = std::max(used, seen);
+            const int64_t nruns = (seen + kKeys - 1) / kKeys;
+            __m512 s[kRuns];
+            __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+            for (int64_t k = 0; k < nruns; ++k) {
+              __m512 raw;
+              if constexpr (kBf16) {
+                raw = dp ? scores16_dpbf16<kDim>(qraw.data() + r * kDim, keys[k])
+                         : scores16<T, kDim>(qf.data() + r * kDim, keys[k]);
+              } else {
+                raw = scores16<T, kDim>(qf.data() + r * kDim, keys[k]);
+              }
+              const int64_t n = std::min<int64_t>(kKeys, seen - k * kKeys);
+              const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+              // keys past the row's limit (or the context) may hold anything, NaN included: masked to -inf
+              s[k] = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), mask, raw,
+                                        _mm512_set1_ps(scale));
+              top = _mm512_max_ps(top, s[k]);
+            }
+            const float new_max = std::max(row_max[r], _mm512_reduce_max_ps(top));
+            const float c = std::exp(row_max[r] - new_max);  // 0 on the first span (-inf)
+            const __m512 m = _mm512_set1_ps(new_max);
+            __m512 total = _mm512_mul_ps(_mm512_loadu_ps(denom.data() + r * kKeys), _mm512_set1_ps(c));
+            for (int64_t k = 0; k < nruns; ++k) {
+              const int64_t n = std::min<int64_t>(kKeys, seen - k * kKeys);
+              const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+              const __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(s[k], m)));
+              total = _mm512_add_ps(total, p);
+              _mm512_store_ps(probs[i] + k * kKeys, p);
+            }
+            for (int64_t k = nruns; k < kRuns; ++k) _mm512_store_ps(probs[i] + k * kKeys, _mm512_setzero_ps());
+            _mm512_storeu_ps(denom.data() + r * kKeys, total);
+            row_max[r] = new_max;
+            correction[i] = c;
+          }
+          if (used == 0) continue;
+          for (int64_t i = nr; i < kRowsPerPass; ++i) correction[i] = 1.f;
+          __m512 o[kRowsPerPass][kDim / 16];
+          for (int64_t i = 0; i < kRowsPerPass; ++i)
+            if (i < nr) {
+              const __m512 c = _mm512_set1_ps(correction[i]);
+              for (int k = 0; k < kDim / 16; ++k)
+                o[i][k] = _mm512_mul_ps(_mm512_loadu_ps(acc.data() + (r0 + i) * kDim + 16 * k), c);
+            }
+          for (int64_t j = 0; j < used; ++j) {
+            const T* row = values[j / kKeys] + (j % kKeys) * kDim;
+            __m512 v[kDim / 16];
+            for (int k = 0; k < kDim / 16; ++k) v[k] = load16(row + 16 * k);
+            for (int64_t i = 0; i < kRowsPerPass; ++i)
+              if (i < nr) {
+                const __m512 p = _mm512_set1_ps(probs[i][j]);
+                for (int k = 0; k < kDim / 16; ++k) o[i][k] = _mm512_fmadd_ps(p, v[k], o[i][k]);
+              }
+          }
+          for (int64_t i = 0; i < kRowsPerPass; ++i)
+            if (i < nr)
+              for (int k = 0; k < kDim / 16; ++k) _mm512_storeu_ps(acc.data() + (r0 + i) * kDim + 16 * k, o[i][k]);
+        }
+      }
+      for (int64_t t = w.q_begin; t < w.q_end; ++t) {
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t r = (t - w.q_begin) * group + g;
+          const float inv = 1.f / _mm512_reduce_add_ps(_mm512_loadu_ps(denom.data() + r * kKeys));
+          const float* src = acc.data() + r * kDim;
+          T* dst = o_ptr + t * o_tok_stride + (w.kv_head * group + g) * o_head_stride;
+          for (int64_t d = 0; d < kDim; ++d) dst[d] = static_cast<T>(src[d] * inv);
+        }
+      }
+    }
+  });
+}
+#endif  // __AVX512F__
+
 void check_layouts(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache) {
   TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "expected query [T, H, D] and caches [blocks, kv_heads, block_size, D]");
@@ -255,6 +471,16 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   const auto run = [&](auto element) {
     using T = decltype(element);
     const float s = static_cast<float>(scale);
+#if defined(__AVX512F__)
+    if constexpr (!std::is_same<T, c10::Half>::value) {
+      if (block_size % kKeys == 0) {
+        if (query.size(2) == 64)
+          return attend_units_avx512<T, 64>(query, k_cache, v_cache, tables, lens, starts, units, s, out);
+        if (query.size(2) == 128)
+          return attend_units_avx512<T, 128>(query, k_cache, v_cache, tables, lens, starts, units, s, out);
+      }
+    }
+#endif
     switch (query.size(2)) {
       case 64: return attend_units<T, 64>(query, k_cache, v_cache, tables, lens, starts, units, s, out);
       case 128: return attend_units<T, 128>(query, k_cache, v_cache, tables, lens, starts, units, s, out);
