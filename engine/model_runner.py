@@ -19,6 +19,7 @@ from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, 
 from flotilla.engine.parallel import broadcast_plan, kv_heads_per_rank, tp
 from flotilla.engine.sampler import Sampler, top_logprobs
 from flotilla.engine.scheduler import ScheduledRequest, SchedulerOutput
+from flotilla.kernels import elementwise
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class ModelRunner:
         if plan.swap_out or plan.swap_in:
             self.swap(plan.swap_out, plan.swap_in)
         input_ids, positions, meta = self._tensors(plan)
-        with forward_context(meta):
+        with forward_context(meta), elementwise.compiled_cpu_kernels(self.backend.name == "cpu"):
             hidden = self.model(input_ids, positions)
         groups: list[torch.Tensor | Exception] = []
         for start, end in plan.logit_groups:

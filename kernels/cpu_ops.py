@@ -1,7 +1,10 @@
-"""The compiled CPU kernels (``kernels/csrc``, built by ``cpu_build``) behind the attention backend's calls,
-with the torch references' signatures and layouts (``flotilla.kernels.paged_attention``), which stay their
-oracle: one pass over each sequence's paged K/V with an online softmax, every query head of a GQA group and
-every query token of a prefill tile served from the same K/V rows.
+"""The compiled CPU kernels (``kernels/csrc``, built by ``cpu_build``) with the torch references' signatures and
+layouts, which stay their oracles:
+
+- paged attention (``flotilla.kernels.paged_attention``): one pass over each sequence's paged K/V with an online
+  softmax, every query head of a GQA group and every query token of a prefill tile served from the same K/V rows;
+- the decoder's elementwise ops (``flotilla.kernels.elementwise``): RMSNorm with its residual add, rotary
+  embedding, SiLU-and-mul, one pass each.
 
 ``load`` must succeed before the ops are called; it finds a library already built for this source, torch and
 CPU level (a prebuilt folder such as the CPU image's, then the cache) or builds one into the cache.
@@ -39,6 +42,10 @@ def load(cache_dir: Path, prebuilt_dirs: list[Path] = ()) -> Path:
     return path
 
 
+def loaded() -> bool:
+    return _library is not None
+
+
 def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
     torch.ops.flotilla_cpu.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
@@ -52,3 +59,26 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start
     """The one-pass kernel for any spans of new tokens (decode is one token per sequence)."""
     return torch.ops.flotilla_cpu.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                                   scale)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """``elementwise.rms_norm_ref``'s contract (rows are the last dimension)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if residual is None:
+        return torch.ops.flotilla_cpu.rms_norm(x2, weight, eps).view(shape)
+    normed, summed = torch.ops.flotilla_cpu.fused_add_rms_norm(x2, residual.reshape(-1, shape[-1]), weight, eps)
+    return normed.view(shape), summed.view(shape)
+
+
+def rotary_embedding(positions, q, k, cos, sin):
+    """``elementwise.rotary_embedding_ref``'s contract; ``q`` and ``k`` are rotated in place and returned."""
+    torch.ops.flotilla_cpu.rotary_embedding(positions, q, k, cos, sin)
+    return q, k
+
+
+def silu_and_mul(x):
+    """``elementwise.silu_and_mul_ref``'s contract."""
+    shape = x.shape
+    out = torch.ops.flotilla_cpu.silu_and_mul(x.reshape(-1, shape[-1]))
+    return out.view(*shape[:-1], shape[-1] // 2)

@@ -1,17 +1,20 @@
 """Fused elementwise ops of the decoder — RMSNorm with the residual add, rotary embedding, SiLU-and-mul —
 as torch references (the CPU path and the oracle) plus the single dispatch point the layers call.
 
-Dispatch: Triton (``flotilla.kernels.triton_elementwise``) for CUDA tensors, the reference otherwise;
-``FLOTILLA_ELEMENTWISE_BACKEND=torch|triton`` overrides it (tests force Triton on the CPU under
+Dispatch: Triton (``flotilla.kernels.triton_elementwise``) for CUDA tensors; the compiled kernels
+(``flotilla.kernels.cpu_ops``) for CPU tensors inside ``compiled_cpu_kernels()`` (the model runner enters it around
+each forward pass when its attention backend is the compiled CPU one), else the reference.
+``FLOTILLA_ELEMENTWISE_BACKEND=torch|triton|cpu`` overrides it (tests force Triton on the CPU under
 ``TRITON_INTERPRET=1``). The references keep the exact order of operations of transformers' Llama, so
 fp32 CPU outputs match it bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,8 @@ import torch.nn.functional as F
 from flotilla.kernels import dispatch
 
 ELEMENTWISE_ENV = "FLOTILLA_ELEMENTWISE_BACKEND"
+
+_compiled_cpu = False  # inside compiled_cpu_kernels()
 
 
 # ---- references ---------------------------------------------------------------------------------------
@@ -69,37 +74,58 @@ def _implementation(device_type: str, override: str, interpret: str) -> str:
     return dispatch.resolve(torch.device(device_type), override)
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+@contextlib.contextmanager
+def compiled_cpu_kernels(enabled: bool = True) -> Iterator[None]:
+    """Within it (when ``enabled``), CPU tensors go to the compiled kernels, which must have been loaded
+    (``flotilla.kernels.cpu_ops.load``)."""
+    global _compiled_cpu
+    previous, _compiled_cpu = _compiled_cpu, enabled
+    try:
+        yield
+    finally:
+        _compiled_cpu = previous
+
+
+def _backend(t: torch.Tensor) -> str:
+    """triton, cpu or torch for this tensor."""
     override = os.environ.get(ELEMENTWISE_ENV, "auto").strip().lower() or "auto"
-    return _implementation(t.device.type, override, os.environ.get("TRITON_INTERPRET", "0")) == "triton"
+    if t.device.type == "cpu" and (override == "cpu" or (override == "auto" and _compiled_cpu)):
+        return "cpu"
+    return _implementation(t.device.type, override, os.environ.get("TRITON_INTERPRET", "0"))
 
 
-def _triton(name: str) -> Callable:
-    from flotilla.kernels import triton_elementwise  # triton is Linux-only: import it only when used
-
-    return getattr(triton_elementwise, name)
+def _kernel(backend: str, name: str) -> Callable:
+    if backend == "triton":
+        from flotilla.kernels import triton_elementwise as module  # triton is Linux-only: import it only when used
+    else:
+        from flotilla.kernels import cpu_ops as module
+    return getattr(module, name)
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``rms_norm_ref``'s contract, on the implementation the dispatch rule picks."""
-    if _use_triton(x):
-        return _triton("rms_norm")(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+    backend = _backend(x)
+    if backend == "torch":
+        return rms_norm_ref(x, weight, eps, residual)
+    return _kernel(backend, "rms_norm")(x, weight, eps, residual)
 
 
 def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rotary_embedding_ref``'s contract, on the implementation the dispatch rule picks."""
-    if _use_triton(q):
-        return _triton("rotary_embedding")(positions, q, k, cos, sin)
-    return rotary_embedding_ref(positions, q, k, cos, sin)
+    """``rotary_embedding_ref``'s contract, on the implementation the dispatch rule picks (the compiled CPU
+    kernel rotates ``q`` and ``k`` in place)."""
+    backend = _backend(q)
+    if backend == "torch":
+        return rotary_embedding_ref(positions, q, k, cos, sin)
+    return _kernel(backend, "rotary_embedding")(positions, q, k, cos, sin)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu_and_mul_ref``'s contract, on the implementation the dispatch rule picks."""
-    if _use_triton(x):
-        return _triton("silu_and_mul")(x)
-    return silu_and_mul_ref(x)
+    backend = _backend(x)
+    if backend == "torch":
+        return silu_and_mul_ref(x)
+    return _kernel(backend, "silu_and_mul")(x)

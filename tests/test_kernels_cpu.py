@@ -1,7 +1,8 @@
 """The compiled CPU kernels (``flotilla.kernels.cpu_ops``, C++ built by ``cpu_build``) against the torch
 references and a longhand fp64 softmax, over random unordered block tables with garbage in every block a
-sequence does not own: GQA ratios 1/3/4/8, head_dim 64/80/128, block sizes 16/32, ragged contexts (one
-token, partial blocks, exact blocks, several blocks), prefill spans after cached context, fp32/fp16/bf16.
+sequence does not own: GQA ratios 1/3/4/8, head_dim 64/80/128 (80: the portable loops; 64/128: the AVX-512
+path where the CPU has it), block sizes 16/32, ragged contexts (one token, partial blocks, exact blocks, several
+blocks), prefill spans after cached context, fp32/fp16/bf16. Then the elementwise kernels against theirs.
 
 Tolerances, kernel vs oracle: fp32 2e-5 (fp32 both ways, only the summation order differs). For fp16/bf16
 the oracle is the reference run in fp32 on the same (already rounded) inputs: the kernel widens its inputs
@@ -21,7 +22,9 @@ import torch
 from kernel_cases import context_lengths, paged_setup
 
 from flotilla.engine.attention import load_cpu_kernels
-from flotilla.kernels import cpu_build, cpu_ops
+from flotilla.engine.layers.rotary import RotaryEmbedding
+from flotilla.kernels import cpu_build, cpu_ops, elementwise
+from flotilla.kernels.elementwise import ELEMENTWISE_ENV, rms_norm_ref, rotary_embedding_ref, silu_and_mul_ref
 from flotilla.kernels.paged_attention import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -121,6 +124,29 @@ def test_decode_reads_strided_queries_as_the_model_passes_them():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_nan_past_a_context_in_its_own_last_block_never_leaks(dtype, head_dim):
+    """The vector path scores whole runs of 16 keys and masks the ones past a row's position: whatever those
+    slots hold (here NaN, as freed blocks may) must not reach the output, in decode or in a prefill tile."""
+    seq_lens = [5, 16 + 9, 3]
+    k_cache, v_cache, tables, _, _ = paged_setup(seq_lens, 2, head_dim, 16, dtype, 2, device="cpu")
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    q = torch.randn(len(seq_lens), 6, head_dim).to(dtype)
+    starts = torch.tensor([0, 5, 5 + 12, 5 + 12 + 3], dtype=torch.int32)  # whole prompts, a chunk, whole
+    qp = torch.randn(20, 6, head_dim).to(dtype)
+    # The oracles on the clean cache (the torch reference itself multiplies whole blocks by their weights).
+    expected_decode = _oracle(paged_decode_attention_ref, q, k_cache, v_cache, tables, lens, 0.1, dtype=dtype)
+    expected_prefill = _oracle(paged_prefill_attention_ref, qp, k_cache, v_cache, tables, lens, starts, 0.1,
+                               dtype=dtype)
+    for row, n in zip(tables.tolist(), seq_lens):
+        last = row[(n - 1) // 16]
+        k_cache[last, :, n % 16:] = float("nan")
+        v_cache[last, :, n % 16:] = float("nan")
+    _close(cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1), expected_decode, dtype)
+    _close(cpu_ops.paged_attention(qp, k_cache, v_cache, tables, lens, starts, 0.1), expected_prefill, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_write_kv_matches_reference_and_skips_padding_slots(dtype):
     g = torch.Generator().manual_seed(3)
     k_cache = torch.randn(6, 2, 16, 64, generator=g).to(dtype)
@@ -181,3 +207,73 @@ def test_a_failing_compiler_is_one_line_and_the_torch_path(tmp_path):
     assert proc.stdout.split() == ["backend", "torch"], proc.stderr
     assert "cxx failed: x.cpp:1:1: error: something is wrong" in proc.stderr
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-built is left to be loaded
+
+
+# ---- elementwise --------------------------------------------------------------------------------------
+# The kernels round every intermediate the references store in the model's dtype, so what is left is the norm's
+# summation order and silu's exp (fp32: ~1 ulp; fp16/bf16: a result on a rounding boundary may land one ulp off).
+EW_TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _ew_close(out, expected, dtype):
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out.float(), expected.float(), atol=EW_TOL[dtype], rtol=EW_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 576, 1000])
+def test_rms_norm_with_and_without_residual_matches_reference(dtype, hidden):
+    g = torch.Generator().manual_seed(hidden)
+    x = (3 * torch.randn(2, 9, hidden, generator=g)).to(dtype)
+    residual = torch.randn(2, 9, hidden, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    _ew_close(cpu_ops.rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6), dtype)
+    out, summed = cpu_ops.rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_summed = rms_norm_ref(x, weight, 1e-5, residual)
+    _ew_close(out, ref_out, dtype)
+    assert torch.equal(summed, ref_summed)  # one correctly rounded add in both
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotary_embedding_in_place_equals_reference(dtype, head_dim):
+    """Each product and sum rounded as the reference rounds it, no fused multiply-add: equal, bit for bit."""
+    rope = RotaryEmbedding(head_dim, 300, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    heads, kv_heads, tokens = 9, 3, 11
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)  # views of the packed projection, as the model has
+    k = qkv[:, heads * head_dim: (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    positions = torch.tensor([0, 1, 2, 15, 31, 64, 65, 100, 200, 298, 299])
+    ref_q, ref_k = rotary_embedding_ref(positions, q.clone(), k.clone(), rope.cos, rope.sin)
+    out_q, out_k = cpu_ops.rotary_embedding(positions, q, k, rope.cos, rope.sin)
+    assert out_q.data_ptr() == q.data_ptr() and torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        cpu_ops.rotary_embedding(torch.tensor([300] * tokens), q, k, rope.cos, rope.sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [128, 1000])
+def test_silu_and_mul_matches_reference(dtype, inter):
+    x = (3 * torch.randn(2, 5, 2 * inter, generator=torch.Generator().manual_seed(inter))).to(dtype)
+    x[0, 0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamps, silu(0)
+    _ew_close(cpu_ops.silu_and_mul(x), silu_and_mul_ref(x), dtype)
+
+
+def test_elementwise_dispatch_takes_the_compiled_kernels_only_where_asked(monkeypatch):
+    monkeypatch.delenv(ELEMENTWISE_ENV, raising=False)
+    x, w = torch.randn(3, 64), torch.ones(64)
+    calls = []
+    monkeypatch.setattr(cpu_ops, "rms_norm", lambda *a: calls.append("cpu") or rms_norm_ref(*a))
+    elementwise.rms_norm(x, w, 1e-6)
+    assert calls == []  # outside a compiled-kernels scope: the reference
+    with elementwise.compiled_cpu_kernels():
+        elementwise.rms_norm(x, w, 1e-6)
+        monkeypatch.setenv(ELEMENTWISE_ENV, "torch")
+        elementwise.rms_norm(x, w, 1e-6)  # the override wins
+    assert calls == ["cpu"]
+    monkeypatch.setenv(ELEMENTWISE_ENV, "cpu")
+    elementwise.rms_norm(x, w, 1e-6)
+    assert calls == ["cpu", "cpu"]
