@@ -76,87 +76,129 @@ struct Unit {
   int64_t seq, kv_head, q_begin, q_end;  // q_* index the flattened query tokens
 };
 
+// The query, output and paged K/V tensors of one call as pointers and strides, shared by both paths.
+template <typename T>
+struct Paged {
+  const T* q;
+  const T* k;
+  const T* v;
+  const int32_t* tables;
+  T* o;
+  int64_t group, head_dim, block_size, tile_bytes;
+  int64_t q_tok, q_head, o_tok, o_head, c_block, c_head, bt;
+
+  Paged(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+        at::Tensor& out)
+      : q(query.data_ptr<T>()), k(k_cache.data_ptr<T>()), v(v_cache.data_ptr<T>()),
+        tables(block_tables.data_ptr<int32_t>()), o(out.data_ptr<T>()), group(query.size(1) / k_cache.size(1)),
+        head_dim(query.size(2)), block_size(k_cache.size(2)),
+        tile_bytes(k_cache.size(2) * query.size(2) * static_cast<int64_t>(sizeof(T))), q_tok(query.stride(0)),
+        q_head(query.stride(1)), o_tok(out.stride(0)), o_head(out.stride(1)), c_block(k_cache.stride(0)),
+        c_head(k_cache.stride(1)), bt(block_tables.stride(0)) {}
+
+  const int32_t* table(const Unit& w) const { return tables + w.seq * bt; }
+  // Element offset of block b's [block_size, head_dim] tile of the unit's KV head, in k and v alike.
+  int64_t tile(const int32_t* table, const Unit& w, int64_t b) const {
+    return static_cast<int64_t>(table[b]) * c_block + w.kv_head * c_head;
+  }
+  // A sequence's blocks are scattered over the pool, which defeats the hardware prefetcher: the kernels ask for
+  // the K/V tiles a few blocks ahead while they compute this one.
+  void prefetch(const int32_t* table, const Unit& w, int64_t b) const {
+    const int64_t at = tile(table, w, b);
+    const char* kb = reinterpret_cast<const char*>(k + at);
+    const char* vb = reinterpret_cast<const char*>(v + at);
+    for (int64_t line = 0; line < tile_bytes; line += 64) {
+      __builtin_prefetch(kb + line);
+      __builtin_prefetch(vb + line);
+    }
+  }
+  const T* query_row(int64_t t, const Unit& w, int64_t g) const {
+    return q + t * q_tok + (w.kv_head * group + g) * q_head;
+  }
+
+  // Calls f(row, query pointer, keys visible to the row) for each (token, head of the group) row of the unit, rows
+  // numbered token-major; returns the keys visible to the unit's last row.
+  template <typename F>
+  int64_t for_rows(const Unit& w, const std::vector<int64_t>& seq_lens, const std::vector<int64_t>& q_starts,
+                   const F& f) const {
+    const int64_t first_pos = seq_lens[w.seq] - (q_starts[w.seq + 1] - q_starts[w.seq]);  // the first query's
+    int64_t visible = 0;
+    for (int64_t t = w.q_begin; t < w.q_end; ++t) {
+      const int64_t pos = first_pos + (t - q_starts[w.seq]);
+      for (int64_t g = 0; g < group; ++g) f((t - w.q_begin) * group + g, query_row(t, w, g), pos + 1);
+      visible = std::max(visible, pos + 1);
+    }
+    return visible;
+  }
+
+  // out = acc / denominator, row by row, in T.
+  template <typename Denominator>
+  void write(const Unit& w, const float* acc, const Denominator& denominator) const {
+    for (int64_t t = w.q_begin; t < w.q_end; ++t)
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = (t - w.q_begin) * group + g;
+        const float inv = 1.f / denominator(r);
+        const float* src = acc + r * head_dim;
+        T* dst = o + t * o_tok + (w.kv_head * group + g) * o_head;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(src[d] * inv);
+      }
+  }
+};
+
+// Units differ in length (ragged contexts): each thread takes the next unit as it finishes one, longest first
+// (the caller's order), rather than a fixed equal share. body(take) runs once per thread; take() returns the next
+// unit's index (>= the count when none is left).
+template <typename Body>
+void run_units(const std::vector<Unit>& units, const Body& body) {
+  const int64_t num_units = static_cast<int64_t>(units.size());
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_units));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body([&] { return next.fetch_add(1); }); });
+}
+
 // kDim > 0: head_dim known at compile time (64, 128), so the row loops unroll into registers; 0: any head_dim.
 template <typename T, int64_t kDim>
 void attend_units(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const std::vector<int64_t>& seq_lens,
                   const std::vector<int64_t>& q_starts, const std::vector<Unit>& units, float scale, at::Tensor& out) {
-  const int64_t num_heads = query.size(1), head_dim = kDim > 0 ? kDim : query.size(2);
-  const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t q_tok_stride = query.stride(0), q_head_stride = query.stride(1);
-  const int64_t o_tok_stride = out.stride(0), o_head_stride = out.stride(1);
-  const int64_t c_block_stride = k_cache.stride(0), c_head_stride = k_cache.stride(1);
-  const int64_t bt_stride = block_tables.stride(0);
-  const T* q_ptr = query.data_ptr<T>();
-  const T* k_ptr = k_cache.data_ptr<T>();
-  const T* v_ptr = v_cache.data_ptr<T>();
-  const int32_t* bt_ptr = block_tables.data_ptr<int32_t>();
-  T* o_ptr = out.data_ptr<T>();
+  const Paged<T> P(query, k_cache, v_cache, block_tables, out);
+  const int64_t head_dim = kDim > 0 ? kDim : P.head_dim, block_size = P.block_size, group = P.group;
   constexpr bool kInPlace = std::is_same<T, float>::value;
-  const int64_t tile_bytes = block_size * head_dim * static_cast<int64_t>(sizeof(T));
-
-  // Units differ in length (ragged contexts): threads take the next unit as they finish one, longest first
-  // (the caller's order), rather than a fixed equal share of units each.
-  const int64_t num_units = static_cast<int64_t>(units.size());
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_units));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  run_units(units, [&](const auto& take) {
     const int64_t max_rows = kTile * group;
     std::vector<float> qf(max_rows * head_dim), acc(max_rows * head_dim), row_max(max_rows), denom(max_rows);
     std::vector<int64_t> limit(max_rows);  // keys visible to each row (its position + 1)
     std::vector<float> kt(kInPlace ? 0 : block_size * head_dim), vt(kInPlace ? 0 : block_size * head_dim);
     std::vector<float> scores(block_size);
-    for (int64_t u = next.fetch_add(1); u < num_units; u = next.fetch_add(1)) {
+    for (int64_t u = take(); u < static_cast<int64_t>(units.size()); u = take()) {
       const Unit& w = units[u];
-      const int64_t seq_len = seq_lens[w.seq];
-      const int64_t q_len = q_starts[w.seq + 1] - q_starts[w.seq];
-      const int64_t first_pos = seq_len - q_len;  // absolute position of the sequence's first query
       const int64_t rows = (w.q_end - w.q_begin) * group;
-      int64_t visible = 0;
-      for (int64_t t = w.q_begin; t < w.q_end; ++t) {
-        const int64_t pos = first_pos + (t - q_starts[w.seq]);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t r = (t - w.q_begin) * group + g;
-          const T* src = q_ptr + t * q_tok_stride + (w.kv_head * group + g) * q_head_stride;
-          float* dst = qf.data() + r * head_dim;
-          widen(src, dst, head_dim);
-          scale_row(scale, dst, head_dim);
-          limit[r] = pos + 1;
-        }
-        visible = std::max(visible, pos + 1);
-      }
+      const int64_t visible = P.for_rows(w, seq_lens, q_starts, [&](int64_t r, const T* src, int64_t seen) {
+        float* dst = qf.data() + r * head_dim;
+        widen(src, dst, head_dim);
+        scale_row(scale, dst, head_dim);
+        limit[r] = seen;
+      });
       std::fill(acc.begin(), acc.begin() + rows * head_dim, 0.f);
       std::fill(row_max.begin(), row_max.begin() + rows, -std::numeric_limits<float>::infinity());
       std::fill(denom.begin(), denom.begin() + rows, 0.f);
 
-      const int32_t* table = bt_ptr + w.seq * bt_stride;
+      const int32_t* table = P.table(w);
       const int64_t num_blocks = (visible + block_size - 1) / block_size;
-      // A sequence's blocks are scattered over the pool, which defeats the hardware prefetcher: fetch the K/V
-      // tiles kPrefetch blocks ahead while this block is computed.
-      const auto prefetch = [&](int64_t b) {
-        const int64_t at = static_cast<int64_t>(table[b]) * c_block_stride + w.kv_head * c_head_stride;
-        const char* k = reinterpret_cast<const char*>(k_ptr + at);
-        const char* v = reinterpret_cast<const char*>(v_ptr + at);
-        for (int64_t line = 0; line < tile_bytes; line += 64) {
-          __builtin_prefetch(k + line);
-          __builtin_prefetch(v + line);
-        }
-      };
-      for (int64_t b = 0; b < std::min(kPrefetch, num_blocks); ++b) prefetch(b);
+      for (int64_t b = 0; b < std::min(kPrefetch, num_blocks); ++b) P.prefetch(table, w, b);
       for (int64_t b = 0; b < num_blocks; ++b) {
         const int64_t start = b * block_size;
         const int64_t n = std::min(block_size, visible - start);
-        const int64_t offset = static_cast<int64_t>(table[b]) * c_block_stride + w.kv_head * c_head_stride;
-        if (b + kPrefetch < num_blocks) prefetch(b + kPrefetch);
+        const int64_t offset = P.tile(table, w, b);
+        if (b + kPrefetch < num_blocks) P.prefetch(table, w, b + kPrefetch);
         const float* keys;
         const float* values;
         if constexpr (kInPlace) {
-          keys = reinterpret_cast<const float*>(k_ptr + offset);
-          values = reinterpret_cast<const float*>(v_ptr + offset);
+          keys = reinterpret_cast<const float*>(P.k + offset);
+          values = reinterpret_cast<const float*>(P.v + offset);
         } else {
-          widen(k_ptr + offset, kt.data(), n * head_dim);
-          widen(v_ptr + offset, vt.data(), n * head_dim);
+          widen(P.k + offset, kt.data(), n * head_dim);
+          widen(P.v + offset, vt.data(), n * head_dim);
           keys = kt.data();
           values = vt.data();
         }
@@ -184,15 +226,7 @@ void attend_units(const at::Tensor& query, const at::Tensor& k_cache, const at::
           row_max[r] = new_max;
         }
       }
-      for (int64_t t = w.q_begin; t < w.q_end; ++t) {
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t r = (t - w.q_begin) * group + g;
-          const float inv = 1.f / denom[r];
-          const float* src = acc.data() + r * head_dim;
-          T* dst = o_ptr + t * o_tok_stride + (w.kv_head * group + g) * o_head_stride;
-          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(src[d] * inv);
-        }
-      }
+      P.write(w, acc.data(), [&](int64_t r) { return denom[r]; });
     }
   });
 }
@@ -272,63 +306,30 @@ void attend_units_avx512(const at::Tensor& query, const at::Tensor& k_cache, con
   constexpr int64_t kSpan = kRuns * kKeys;
   constexpr bool kBf16 = std::is_same<T, c10::BFloat16>::value;
   const bool dp = kBf16 && cpu_has_avx512bf16();
-  const int64_t num_heads = query.size(1), num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t q_tok_stride = query.stride(0), q_head_stride = query.stride(1);
-  const int64_t o_tok_stride = out.stride(0), o_head_stride = out.stride(1);
-  const int64_t c_block_stride = k_cache.stride(0), c_head_stride = k_cache.stride(1);
-  const int64_t bt_stride = block_tables.stride(0);
-  const T* q_ptr = query.data_ptr<T>();
-  const T* k_ptr = k_cache.data_ptr<T>();
-  const T* v_ptr = v_cache.data_ptr<T>();
-  const int32_t* bt_ptr = block_tables.data_ptr<int32_t>();
-  T* o_ptr = out.data_ptr<T>();
-  const int64_t tile_bytes = block_size * kDim * static_cast<int64_t>(sizeof(T));
-
-  const int64_t num_units = static_cast<int64_t>(units.size());
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_units));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  const Paged<T> P(query, k_cache, v_cache, block_tables, out);
+  const int64_t block_size = P.block_size, group = P.group;
+  run_units(units, [&](const auto& take) {
     const int64_t max_rows = kTile * group;
     std::vector<float> qf(max_rows * kDim), acc(max_rows * kDim), row_max(max_rows), denom(max_rows * kKeys);
     std::vector<T> qraw(max_rows * kDim);
     std::vector<int64_t> limit(max_rows);
     alignas(64) float probs[kRowsPerPass][kSpan];
-    for (int64_t u = next.fetch_add(1); u < num_units; u = next.fetch_add(1)) {
+    for (int64_t u = take(); u < static_cast<int64_t>(units.size()); u = take()) {
       const Unit& w = units[u];
-      const int64_t seq_len = seq_lens[w.seq];
-      const int64_t q_len = q_starts[w.seq + 1] - q_starts[w.seq];
-      const int64_t first_pos = seq_len - q_len;
       const int64_t rows = (w.q_end - w.q_begin) * group;
-      int64_t visible = 0;
-      for (int64_t t = w.q_begin; t < w.q_end; ++t) {
-        const int64_t pos = first_pos + (t - q_starts[w.seq]);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t r = (t - w.q_begin) * group + g;
-          const T* src = q_ptr + t * q_tok_stride + (w.kv_head * group + g) * q_head_stride;
-          if (dp) std::memcpy(qraw.data() + r * kDim, src, kDim * sizeof(T));
-          else widen(src, qf.data() + r * kDim, kDim);
-          limit[r] = pos + 1;
-        }
-        visible = std::max(visible, pos + 1);
-      }
+      const int64_t visible = P.for_rows(w, seq_lens, q_starts, [&](int64_t r, const T* src, int64_t seen) {
+        if (dp) std::memcpy(qraw.data() + r * kDim, src, kDim * sizeof(T));
+        else widen(src, qf.data() + r * kDim, kDim);
+        limit[r] = seen;
+      });
       std::fill(acc.begin(), acc.begin() + rows * kDim, 0.f);
       std::fill(row_max.begin(), row_max.begin() + rows, -std::numeric_limits<float>::infinity());
       std::fill(denom.begin(), denom.begin() + rows * kKeys, 0.f);  // per-lane partial sums, added up at the end
 
-      const int32_t* table = bt_ptr + w.seq * bt_stride;
+      const int32_t* table = P.table(w);
       const int64_t num_blocks = (visible + block_size - 1) / block_size;
-      const auto prefetch = [&](int64_t b) {
-        const int64_t at = static_cast<int64_t>(table[b]) * c_block_stride + w.kv_head * c_head_stride;
-        const char* k = reinterpret_cast<const char*>(k_ptr + at);
-        const char* v = reinterpret_cast<const char*>(v_ptr + at);
-        for (int64_t line = 0; line < tile_bytes; line += 64) {
-          __builtin_prefetch(k + line);
-          __builtin_prefetch(v + line);
-        }
-      };
       int64_t prefetched = std::min(kPrefetch, num_blocks);  // blocks [0, prefetched) have been asked for
-      for (int64_t b = 0; b < prefetched; ++b) prefetch(b);
+      for (int64_t b = 0; b < prefetched; ++b) P.prefetch(table, w, b);
       // Spans of up to kRuns runs of 16 keys: each run lies in one block (block_size % 16 == 0); the softmax's
       // reductions (max, rescale) are paid once per span rather than once per run.
       for (int64_t start = 0; start < visible; start += kSpan) {
@@ -338,14 +339,13 @@ void attend_units_avx512(const at::Tensor& query, const at::Tensor& k_cache, con
         const T* values[kRuns];
         for (int64_t k = 0; k < runs; ++k) {
           const int64_t p = start + k * kKeys, b = p / block_size;
-          const int64_t at = static_cast<int64_t>(table[b]) * c_block_stride + w.kv_head * c_head_stride +
-                             (p - b * block_size) * kDim;
-          keys[k] = k_ptr + at;
-          values[k] = v_ptr + at;
+          const int64_t at = P.tile(table, w, b) + (p - b * block_size) * kDim;
+          keys[k] = P.k + at;
+          values[k] = P.v + at;
         }
         for (const int64_t ahead = std::min(num_blocks, (start + span - 1) / block_size + 1 + kPrefetch);
              prefetched < ahead; ++prefetched)
-          prefetch(prefetched);
+          P.prefetch(table, w, prefetched);
         for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerPass) {
           const int64_t nr = std::min(kRowsPerPass, rows - r0);
           int64_t used = 0;  // keys of the span some row of the pass sees
@@ -414,15 +414,8 @@ void attend_units_avx512(const at::Tensor& query, const at::Tensor& k_cache, con
               for (int k = 0; k < kDim / 16; ++k) _mm512_storeu_ps(acc.data() + (r0 + i) * kDim + 16 * k, o[i][k]);
         }
       }
-      for (int64_t t = w.q_begin; t < w.q_end; ++t) {
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t r = (t - w.q_begin) * group + g;
-          const float inv = 1.f / _mm512_reduce_add_ps(_mm512_loadu_ps(denom.data() + r * kKeys));
-          const float* src = acc.data() + r * kDim;
-          T* dst = o_ptr + t * o_tok_stride + (w.kv_head * group + g) * o_head_stride;
-          for (int64_t d = 0; d < kDim; ++d) dst[d] = static_cast<T>(src[d] * inv);
-        }
-      }
+      P.write(w, acc.data(),
+              [&](int64_t r) { return _mm512_reduce_add_ps(_mm512_loadu_ps(denom.data() + r * kKeys)); });
     }
   });
 }
