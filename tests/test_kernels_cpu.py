@@ -72,9 +72,11 @@ def test_decode_matches_reference(heads, kv_heads, head_dim, block_size, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_over_paged_context_matches_reference(heads, kv_heads, block_size, dtype):
     # (context incl. new tokens, new tokens): a fresh prompt, a chunk starting mid-block after cached blocks,
-    # one token, a long fresh prompt over several query tiles, a long chunk after a two-block prefix hit.
+    # one token, a long fresh prompt over several query tiles, a long chunk after a two-block prefix hit, and a
+    # chunk from position 61 whose first query tile straddles key 64 (where the vector path's 64-key spans meet:
+    # its rows before 64 see nothing of the second span).
     spans = [(5, 5), (2 * block_size + 3, 7), (40, 1), (3 * block_size + 9, 3 * block_size + 9),
-             (2 * block_size + 21, 21)]
+             (2 * block_size + 21, 21), (80, 19)]
     k_cache, v_cache, tables, _, _ = paged_setup([n for n, _ in spans], kv_heads, 64, block_size, dtype, 1,
                                                  device="cpu")
     starts = [0]

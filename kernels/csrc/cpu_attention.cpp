@@ -354,7 +354,10 @@ void attend_units_avx512(const at::Tensor& query, const at::Tensor& k_cache, con
             const int64_t r = r0 + i;
             const int64_t seen = std::max<int64_t>(0, std::min<int64_t>(span, limit[r] - start));
             correction[i] = 1.f;
-            if (seen == 0) continue;  // a prefill row whose position comes before the span: nothing to add
+            if (seen == 0) {  // a prefill row whose position comes before the span: it adds nothing to the pass
+              std::fill(probs[i], probs[i] + kSpan, 0.f);
+              continue;
+            }
             used = std::max(used, seen);
             const int64_t nruns = (seen + kKeys - 1) / kKeys;
             __m512 s[kRuns];
