@@ -42,10 +42,6 @@ def load(cache_dir: Path, prebuilt_dirs: list[Path] = ()) -> Path:
     return path
 
 
-def loaded() -> bool:
-    return _library is not None
-
-
 def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
     torch.ops.flotilla_cpu.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
