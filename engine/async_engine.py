@@ -42,6 +42,7 @@ class AsyncLLMEngine:
         self._wake = threading.Event()
         self._stopped = False
         self.errored: BaseException | None = None
+        engine.on_grammar_compiled.append(self._wake.set)  # a request that waited on its grammar may run now
         self._thread = threading.Thread(target=self._loop, name="flotilla-engine", daemon=True)
         self._thread.start()
 
@@ -154,6 +155,9 @@ class AsyncLLMEngine:
                 for out in self.engine.step():
                     with self._lock:
                         self._deliver(out.request_id, out)
+                if self.engine.grammars_blocking():  # nothing to run until a compilation (or a command) wakes us
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
         except BaseException as e:  # surface to every waiting caller rather than hanging them
             logger.exception("engine loop failed; this engine serves nothing more")
             with self._lock:

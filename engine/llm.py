@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -80,6 +81,9 @@ class LLM:
                         results[out.request_id] = out
                         pending.discard(out.request_id)
                         bar.update(1)
+                compiling = engine.grammars_blocking()
+                if compiling:
+                    wait(compiling, return_when=FIRST_COMPLETED)
         except BaseException:
             engine.abort_request(list(pending))  # leave the engine clean for the next call
             raise

@@ -7,7 +7,9 @@ One step: the scheduler picks requests and token counts, the model runner comput
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Iterable, Union
 
@@ -38,6 +40,7 @@ from flotilla.engine.outputs import CompletionOutput, RequestMetrics, RequestOut
 from flotilla.engine.request import Request, RequestStatus
 from flotilla.engine.sampling_params import SamplingParams
 from flotilla.engine.scheduler import Scheduler
+from flotilla.engine.structured_output import GrammarState, StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +166,9 @@ class LLMEngine:
             self._warm_up(args, max_batched, max_model_len)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
+        self._structured: StructuredOutputs | None = None  # made with the first request that has a grammar
+        self._structured_lock = threading.Lock()
+        self.on_grammar_compiled: list = []  # callbacks (from a compiler thread) when a grammar is ready
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.computed_prompt_tokens = 0
@@ -190,7 +196,9 @@ class LLMEngine:
             raise RuntimeError(f"tensor-parallel worker died: {', '.join(dead)}")
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers (nothing to do with one rank). The engine serves nothing after."""
+        """Stop the grammar compiler and the tensor-parallel workers. The engine serves nothing after."""
+        if self._structured is not None:
+            self._structured.shutdown()
         if self.workers is None:
             return
         workers, self.workers = self.workers, None
@@ -226,6 +234,7 @@ class LLMEngine:
                              f"({self.max_model_len})")
         params = params.bind(self.eos_token_ids, self._bad_words_token_ids(params.bad_words))
         params.check_token_ids(vocab)
+        compiled = self.structured_outputs().prepare(params.guided_decoding) if params.guided_decoding else None
         metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         children = []
         for i in range(params.n):
@@ -235,7 +244,8 @@ class LLMEngine:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             children.append(Request(child_id, token_ids, params, metrics, self.max_model_len, cache_salt,
-                                    parent_id=request_id, index=i, generator=generator))
+                                    parent_id=request_id, index=i, generator=generator,
+                                    grammar=GrammarState(compiled) if compiled is not None else None))
         needed = self.block_manager.blocks_needed(children[0].max_total_tokens)
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"prompt: needs {needed} KV blocks but the cache has {self.block_manager.num_blocks}; "
@@ -246,6 +256,22 @@ class LLMEngine:
             for _ in children
         ]
         return _Parent(request_id, text, token_ids, children, detoks, metrics)
+
+    def structured_outputs(self) -> StructuredOutputs:
+        """The grammar service, made on first use (it imports xgrammar and indexes the vocabulary)."""
+        with self._structured_lock:
+            if self._structured is None:
+                self._structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+                self._structured.on_compiled = self.on_grammar_compiled
+            return self._structured
+
+    def grammars_blocking(self) -> list[Future]:
+        """When nothing can run until a grammar compiles (nothing running or swapped, every waiting request still
+        compiling), the compilations to wait for; otherwise none."""
+        sched = self.scheduler
+        if sched.running or sched.swapped or any(r.schedulable for r in sched.waiting):
+            return []
+        return [r.grammar._compiled for r in sched.waiting if r.grammar is not None]
 
     def _bad_words_token_ids(self, words: list[str] | None) -> list[list[int]]:
         """Each bad word as it tokenizes alone and after a space (mid-sentence), as vLLM bans them."""
@@ -373,7 +399,9 @@ class LLMEngine:
         may_stop = n_out >= p.min_tokens
         detok = parent.detokenizers[r.index]
         stop_str = detok.update(token, check_stop=may_stop) if detok is not None else None
-        if may_stop and not p.ignore_eos and token in p._eos_token_ids:
+        if r.grammar is not None and r.grammar.terminated:  # the grammar took its stop token: nothing may follow
+            self._finish(r, RequestStatus.FINISHED_STOPPED)
+        elif may_stop and not p.ignore_eos and token in p._eos_token_ids:
             self._finish(r, RequestStatus.FINISHED_STOPPED)
         elif may_stop and token in (p.stop_token_ids or ()):
             r.stop_reason = token

@@ -9,6 +9,7 @@ import torch
 
 from flotilla.engine.outputs import LogprobDict, RequestMetrics
 from flotilla.engine.sampling_params import SamplingParams
+from flotilla.engine.structured_output import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -51,6 +52,7 @@ class Request:
     logprobs: list[LogprobDict] | None = None
     prompt_logprobs: list[LogprobDict | None] | None = None
     stop_reason: int | str | None = None
+    grammar: GrammarState | None = None  # where its output stands in its grammar (guided decoding), if it has one
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -72,6 +74,14 @@ class Request:
         limit = self.max_model_len if max_tokens is None else self.num_prompt_tokens + max_tokens
         return min(limit, self.max_model_len)
 
+    @property
+    def schedulable(self) -> bool:
+        """False while its grammar is still compiling: the scheduler admits the requests behind it meanwhile."""
+        return self.grammar is None or self.grammar.ready
+
     def append_token(self, token_id: int) -> None:
+        """Add a sampled token; the grammar, if any, advances with it (``ValueError`` when it does not allow it)."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)

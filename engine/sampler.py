@@ -1,8 +1,9 @@
 """From logits to tokens: logit processors, temperature, top-k / top-p / min-p, seeded sampling, logprobs.
 
-Order follows vLLM: log-probabilities are reported from the raw model output; then the request's own logits
-processors, allowed_token_ids, bad_words, min_tokens (EOS and stop ids masked), logit_bias,
-repetition/presence/frequency penalties, temperature, min-p, top-k, top-p, and finally sampling. A request
+Order follows vLLM: a request's grammar masks the tokens it does not allow (structured_output.py); log-probabilities
+are reported from those logits; then the request's own logits processors, allowed_token_ids, bad_words, min_tokens
+(EOS and stop ids masked), logit_bias, repetition/presence/frequency penalties, temperature, min-p, top-k, top-p, and
+finally sampling. A request
 with a seed draws from its own generator, one row at a time, so its output does not depend on what else is in
 the batch.
 
@@ -20,6 +21,7 @@ import torch
 
 from flotilla.engine.outputs import Logprob, LogprobDict
 from flotilla.engine.request import Request
+from flotilla.engine.structured_output import apply_bitmasks
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +111,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """``logits`` ``[len(requests), vocab]``, one row per request that samples this step."""
         logits = logits.float()
+        failed: dict[int, str] = {}
+        if any(r.grammar is not None for r in requests):
+            failed.update(apply_bitmasks(logits, [r.grammar for r in requests]))
+            for i in failed:
+                logits[i] = 0.0  # keep the batched steps below finite
         want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        failed: dict[int, str] = {}
         for i, r in enumerate(requests):
             p = r.sampling_params
             if p.needs_row_processing or len(r.output_token_ids) < p.min_tokens:

@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from flotilla.engine.structured_output import GuidedDecodingParams
+
 # A per-request logits processor, as vLLM's offline API takes them: ``fn(output_token_ids, logits)`` or
 # ``fn(prompt_token_ids, output_token_ids, logits)``, returning the (possibly modified) 1-D logits row.
 LogitsProcessor = Callable[..., torch.Tensor]
@@ -51,6 +53,8 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # sample only among these ids
     bad_words: list[str] | None = None  # never generate these words (checked token by token, as vLLM does)
     logits_processors: list[LogitsProcessor] | None = None  # offline API only; never from HTTP
+    guided_decoding: GuidedDecodingParams | None = None  # the output must match a grammar (structured_output.py)
+    structured_outputs: GuidedDecodingParams | None = None  # vLLM's newer name for guided_decoding
     # Set by the engine at admission from the tokenizer; not part of a user's request.
     _eos_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
     _bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
@@ -71,6 +75,11 @@ class SamplingParams:
             self.bad_words = [self.bad_words]
         if self.top_k == -1:
             self.top_k = 0
+        if self.structured_outputs is not None:
+            if self.guided_decoding is not None and self.guided_decoding != self.structured_outputs:
+                raise ValueError("structured_outputs: give guided_decoding or structured_outputs, not both")
+            self.guided_decoding = self.structured_outputs
+        self.structured_outputs = self.guided_decoding
         self._validate()
 
     def _validate(self) -> None:
@@ -120,6 +129,8 @@ class SamplingParams:
             raise bad("bad_words", "must be non-empty strings")
         if self.logits_processors is not None and any(not callable(f) for f in self.logits_processors):
             raise bad("logits_processors", "must be callables")
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            raise bad("guided_decoding", "must be a GuidedDecodingParams")
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Every token id this request carries must index a logits row of ``vocab_size``; an id outside

@@ -100,9 +100,14 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
-        # Admitting new work while evicting running work would only thrash.
+        # Admitting new work while evicting running work would only thrash. A request whose grammar is still
+        # compiling keeps its place at the head of the queue while those behind it are admitted.
+        compiling: list[Request] = []
         while self.waiting and not self.swapped and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if not request.schedulable:
+                compiling.append(self.waiting.popleft())
+                continue
             prefix = bm.match_prefix(request)
             remaining = request.num_tokens - len(prefix) * bm.block_size
             if not self.config.enable_chunked_prefill and remaining > budget:
@@ -115,6 +120,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(compiling))
         return out
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:

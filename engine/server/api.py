@@ -318,6 +318,7 @@ def build_app(state: ServerState) -> FastAPI:
         usage = {"prompt_tokens": sum(len(f.prompt_token_ids) for f in finals),
                  "completion_tokens": sum(len(c.token_ids) for f in finals for c in f.outputs)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage["prompt_tokens_details"] = {"cached_tokens": sum(f.num_cached_tokens for f in finals)}
         return JSONResponse({"id": base_id, "object": "text_completion", "created": int(time.time()),
                              "model": model, "choices": choices, "usage": usage})
 
@@ -401,10 +402,11 @@ async def _collect(stream: AsyncIterator[RequestOutput], raw: Request) -> Reques
     return final
 
 
-def _usage(out: RequestOutput) -> dict[str, int]:
+def _usage(out: RequestOutput) -> dict[str, Any]:
     prompt = len(out.prompt_token_ids)
     completion = sum(len(c.token_ids) for c in out.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
 
 
 def _token_text(tok: Any, token_id: int) -> str:

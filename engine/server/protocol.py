@@ -11,6 +11,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from flotilla.engine.sampling_params import SamplingParams
+from flotilla.engine.structured_output import GuidedDecodingParams
 
 
 class APIError(Exception):
@@ -72,6 +73,44 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     cache_salt: str | None = None
+    # Structured output: OpenAI's response_format, vLLM's guided_* fields and their newer structured_outputs object.
+    response_format: dict[str, Any] | None = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    def guided_decoding(self) -> GuidedDecodingParams | None:
+        """The request's grammar, from whichever one field gives it; each error names that field."""
+        given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
+        if self.structured_outputs is not None:
+            given.append("structured_outputs")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise APIError(400, f"{given[1]}: cannot be combined with {given[0]}; give one kind of structured "
+                                "output", given[1])
+        if not given:
+            return None
+        origin = given[0]
+        extra = dict(backend=self.guided_decoding_backend, whitespace_pattern=self.guided_whitespace_pattern)
+        try:
+            if origin == "response_format":
+                return _response_format(self.response_format, extra)  # type: ignore[arg-type]
+            if origin == "structured_outputs":
+                unknown = sorted(set(self.structured_outputs) - _STRUCTURED_FIELDS)  # type: ignore[arg-type]
+                if unknown:
+                    raise APIError(400, f"structured_outputs: unknown field(s) {', '.join(unknown)}",
+                                   "structured_outputs")
+                return GuidedDecodingParams(**self.structured_outputs, _origin=origin)  # type: ignore[arg-type]
+            return GuidedDecodingParams(**{origin.removeprefix("guided_"): getattr(self, origin)}, **extra,
+                                        _origin=origin)
+        except ValueError as e:
+            raise APIError.invalid(e) from e
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                         detokenize: bool = True) -> SamplingParams:
@@ -91,11 +130,35 @@ class _SamplingFields(BaseModel):
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, detokenize=detokenize,
             allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+            guided_decoding=self.guided_decoding(),
         )
         try:
             return SamplingParams(**fields)
         except ValueError as e:
             raise APIError.invalid(e) from e
+
+
+_STRUCTURED_FIELDS = {"json", "regex", "choice", "grammar", "json_object", "backend", "whitespace_pattern",
+                      "disable_any_whitespace", "disable_additional_properties", "disable_fallback"}
+
+
+def _response_format(fmt: dict[str, Any], extra: dict[str, Any]) -> GuidedDecodingParams:
+    """OpenAI's ``response_format``: ``json_object`` (any JSON object) or ``json_schema`` (``{"name", "schema",
+    "strict"}``; a schema is enforced whether or not ``strict`` is set, as vLLM does)."""
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return GuidedDecodingParams(json_object=True, **extra, _origin="response_format")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ValueError("response_format: json_schema must be an object with a schema")
+        schema = spec.get("schema", spec.get("json_schema"))  # older clients nest it under json_schema
+        if schema is None:
+            return GuidedDecodingParams(json_object=True, **extra, _origin="response_format")
+        if not isinstance(schema, dict):
+            raise ValueError("response_format: json_schema.schema must be an object")
+        return GuidedDecodingParams(json=schema, **extra, _origin="response_format")
+    raise ValueError(f"response_format: type must be text, json_object or json_schema, got {kind!r}")
 
 
 class ContentPart(BaseModel):
