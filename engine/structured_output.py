@@ -34,6 +34,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+# Free whitespace between JSON tokens is capped at this many characters per gap. Small models under a free-whitespace
+# JSON grammar can emit newlines forever (the output never closes before max_tokens); a cap keeps every indentation
+# style a model uses and ends such loops. disable_any_whitespace removes free whitespace altogether.
+MAX_JSON_WHITESPACE = 64
 _BACKENDS = (None, "auto", "xgrammar")
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
@@ -127,11 +131,13 @@ def parse(params: GuidedDecodingParams) -> Any:
 
     origin, kind = params._origin, params.kind
     try:
-        if kind == "json":
-            schema = _schema_text(params.json, params.disable_additional_properties, origin)  # type: ignore[arg-type]
-            return xgr.Grammar.from_json_schema(schema, any_whitespace=not params.disable_any_whitespace)
-        if kind == "json_object":
-            return xgr.Grammar.builtin_json_grammar()
+        if kind in ("json", "json_object"):
+            # json_object: any object (what OpenAI's json_object promises; xgrammar's builtin JSON grammar would
+            # also take a bare string or number), with whatever properties.
+            schema = (_schema_text(params.json, params.disable_additional_properties, origin)  # type: ignore[arg-type]
+                      if kind == "json" else '{"type": "object"}')
+            return xgr.Grammar.from_json_schema(schema, any_whitespace=not params.disable_any_whitespace,
+                                                strict_mode=kind == "json", max_whitespace_cnt=MAX_JSON_WHITESPACE)
         if kind == "regex":
             return xgr.Grammar.from_regex(params.regex)  # type: ignore[arg-type]
         if kind == "choice":
