@@ -6,15 +6,18 @@ from flotilla.engine.llm import LLM
 from flotilla.engine.llm_engine import LLMEngine
 from flotilla.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from flotilla.engine.sampling_params import SamplingParams
+from flotilla.engine.structured_output import GuidedDecodingParams, StructuredOutputsParams
 
 __all__ = [
     "AsyncLLMEngine",
     "CompletionOutput",
     "EngineArgs",
+    "GuidedDecodingParams",
     "LLM",
     "LLMEngine",
     "Logprob",
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]
