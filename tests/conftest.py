@@ -98,6 +98,22 @@ def hf_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int, min_new_
     return out[0, len(prompt_ids):].tolist()
 
 
+def run_to_completion(engine, requests: dict) -> dict:
+    """Queue ``{id: (prompt, SamplingParams)}`` on an ``LLMEngine`` and step until nothing is left; the finished
+    outputs by id. While only grammars are compiling it waits on them instead of spinning."""
+    from concurrent.futures import wait
+
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        wait(engine.grammars_blocking())
+    return done
+
+
 def assert_pool_whole(engine) -> None:
     """No leaked or double-freed KV block once the engine is idle."""
     bm = engine.block_manager

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from conftest import assert_pool_whole
+from conftest import assert_pool_whole, run_to_completion as run
 from flotilla.engine import AsyncLLMEngine, EngineArgs, LLMEngine, SamplingParams
 from flotilla.engine.errors import EngineDeadError, QueueFullError, RequestFailedError
 from flotilla.engine.outputs import RequestMetrics
@@ -25,17 +25,6 @@ GREEDY = dict(temperature=0.0, max_tokens=10, ignore_eos=True)
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
     return LLMEngine(EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=128))
-
-
-def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 @pytest.mark.parametrize("field, kwargs", [

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import re
 import threading
-from concurrent.futures import wait
 
 import jsonschema
 import pytest
 import torch
 
-from conftest import assert_pool_whole, hf_model
+from conftest import assert_pool_whole, run_to_completion as run, hf_model
 from flotilla.engine import EngineArgs, LLMEngine, SamplingParams
 from flotilla.engine.structured_output import GuidedDecodingParams, StructuredOutputs, StructuredOutputsParams
 
@@ -72,18 +71,6 @@ CASES = {
 @pytest.fixture(scope="module")
 def engine(smollm2_dir):
     return LLMEngine(EngineArgs(model=str(smollm2_dir), dtype="float32", max_model_len=512, seed=0))
-
-
-def run(engine: LLMEngine, requests: dict) -> dict:
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        wait(engine.grammars_blocking())
-    return done
 
 
 def hf_guided_greedy(folder, prompt_ids: list[int], params: GuidedDecodingParams, max_new_tokens: int) -> list[int]:
