@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 import torch
 
@@ -168,7 +168,7 @@ class LLMEngine:
         self._children: dict[str, tuple[_Parent, int]] = {}
         self._structured: StructuredOutputs | None = None  # made with the first request that has a grammar
         self._structured_lock = threading.Lock()
-        self.on_grammar_compiled: list = []  # callbacks (from a compiler thread) when a grammar is ready
+        self.on_grammar_compiled: list[Callable[[], None]] = []  # run (on a compiler thread) as a grammar is ready
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.computed_prompt_tokens = 0
@@ -261,8 +261,8 @@ class LLMEngine:
         """The grammar service, made on first use (it imports xgrammar and indexes the vocabulary)."""
         with self._structured_lock:
             if self._structured is None:
-                self._structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-                self._structured.on_compiled = self.on_grammar_compiled
+                self._structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                                     on_compiled=self.on_grammar_compiled)
             return self._structured
 
     def grammars_blocking(self) -> list[Future]:
@@ -271,7 +271,7 @@ class LLMEngine:
         sched = self.scheduler
         if sched.running or sched.swapped or any(r.schedulable for r in sched.waiting):
             return []
-        return [r.grammar._compiled for r in sched.waiting if r.grammar is not None]
+        return [r.grammar.compilation for r in sched.waiting if r.grammar is not None]
 
     def _bad_words_token_ids(self, words: list[str] | None) -> list[list[int]]:
         """Each bad word as it tokenizes alone and after a space (mid-sentence), as vLLM bans them."""

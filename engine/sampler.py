@@ -3,9 +3,8 @@
 Order follows vLLM: a request's grammar masks the tokens it does not allow (structured_output.py); log-probabilities
 are reported from those logits; then the request's own logits processors, allowed_token_ids, bad_words, min_tokens
 (EOS and stop ids masked), logit_bias, repetition/presence/frequency penalties, temperature, min-p, top-k, top-p, and
-finally sampling. A request
-with a seed draws from its own generator, one row at a time, so its output does not depend on what else is in
-the batch.
+finally sampling. A request with a seed draws from its own generator, one row at a time, so its output does not
+depend on what else is in the batch.
 
 Per-row work runs request by request, and an exception there is that request's alone: the row is reported in
 ``SamplerOutput.failed`` (the engine stops that request) and the rest of the batch samples as usual.

@@ -161,6 +161,10 @@ class GrammarState:
         self._matcher: Any = None
 
     @property
+    def compilation(self) -> Future:
+        return self._compiled
+
+    @property
     def ready(self) -> bool:
         """Whether the compilation has finished (successfully or not): the request may be scheduled."""
         return self._compiled.done()
@@ -191,10 +195,10 @@ class StructuredOutputs:
     compilation, so an idle engine loop can wake up for the requests that waited on it."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int] | set[int],
-                 max_cached: int = 256, threads: int | None = None) -> None:
+                 on_compiled: list[Callable[[], None]] | None = None, max_cached: int = 256,
+                 threads: int | None = None) -> None:
         import xgrammar as xgr
 
-        self.vocab_size = vocab_size
         stop = sorted(stop_token_ids) or None
         self._info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop)
         threads = threads or max(1, (os.cpu_count() or 2) // 2)
@@ -204,27 +208,34 @@ class StructuredOutputs:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._max_cached = max_cached
-        self.on_compiled: list[Callable[[], None]] = []
+        self.on_compiled = on_compiled if on_compiled is not None else []  # the caller may add to its list later
 
     def prepare(self, params: GuidedDecodingParams) -> Future:
         """Validate ``params`` now (``ValueError`` naming the field) and return the future of its compiled grammar,
         started on the compiler thread unless an equal grammar is cached or compiling."""
         key = params.key()
         with self._lock:
-            future = self._cache.get(key)
-            if future is not None and not (future.done() and future.exception() is not None):
+            future = self._reusable(key)
+            if future is not None:
                 self._cache.move_to_end(key)
                 return future
-        grammar = parse(params)
+        grammar = parse(params)  # outside the lock: other admissions need not wait for it
         with self._lock:
-            future = self._cache.get(key)
-            if future is None or (future.done() and future.exception() is not None):
+            future = self._reusable(key)  # an equal request may have started it meanwhile
+            if future is None:
                 future = self._pool.submit(self._compile, grammar, params.kind)
                 future.add_done_callback(self._notify)
                 self._cache[key] = future
                 while len(self._cache) > self._max_cached:
                     self._cache.popitem(last=False)
             return future
+
+    def _reusable(self, key: tuple) -> Future | None:
+        """The cached compilation for ``key`` unless it failed (a failure is retried, never served)."""
+        future = self._cache.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            return None
+        return future
 
     def _compile(self, grammar: Any, kind: str) -> Any:
         compiled = self._compiler.compile_grammar(grammar)

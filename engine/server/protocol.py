@@ -152,7 +152,8 @@ def _response_format(fmt: dict[str, Any], extra: dict[str, Any]) -> GuidedDecodi
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
             raise ValueError("response_format: json_schema must be an object with a schema")
-        schema = spec.get("schema", spec.get("json_schema"))  # older clients nest it under json_schema
+        # OpenAI's field is schema; vLLM's request model names it json_schema (schema its alias): read either.
+        schema = spec.get("schema", spec.get("json_schema"))
         if schema is None:
             return GuidedDecodingParams(json_object=True, **extra, _origin="response_format")
         if not isinstance(schema, dict):
