@@ -24,6 +24,21 @@ TINY_VARIANTS = {
 }
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test module may define ``explain_failure() -> str``: what it returns heads each failure's report (the
+    node suite puts the cluster's state there: in CI's excerpt of the output, the why before the traceback)."""
+    report = yield
+    explain = getattr(item.module, "explain_failure", None)
+    if report.failed and call.when == "call" and explain is not None:
+        try:
+            state = explain()
+        except Exception as e:  # noqa: BLE001  (the failure itself must still be reported)
+            state = f"(could not read the state: {type(e).__name__}: {e})"
+        report.longrepr = f"{state}\n\n{report.longreprtext}"
+    return report
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The bundled GGUF, converted once to a Hugging Face folder (the same one the engine loads)."""

@@ -77,6 +77,47 @@ def log_tails() -> str:
                      for f in sorted(logs.glob("*.log")))
 
 
+def explain_failure() -> str:
+    """The cluster's state when a test here fails (conftest puts it at the head of the report): the pods, each
+    container's restarts and last termination, recent events, the InferenceServices' conditions, and the tails of
+    the engine's and operator's logs. CI shows only an excerpt of the output, so this comes first and stays short."""
+    if not node_ready():
+        return f"node state: the node is not Ready\n{log_tails()}"
+    node = json.loads(kubectl("get", "node", "flotilla-node", "-o", "json", check=False, timeout=30) or "{}")
+    pressure = [f"{c['type']}={c['status']}" for c in (node.get("status") or {}).get("conditions") or ()]
+    taints = [t["key"] for t in (node.get("spec") or {}).get("taints") or ()]
+    out = [f"node state: {' '.join(pressure)} taints={taints}",
+           kubectl("get", "pods", "-A", "-o", "wide", check=False, timeout=30).rstrip()]
+    pods = json.loads(kubectl("get", "pods", "-A", "-o", "json", check=False, timeout=30) or '{"items": []}')
+    for pod in pods["items"]:
+        name = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+        for c in (pod.get("status") or {}).get("containerStatuses") or ():
+            last = (c.get("lastState") or {}).get("terminated")
+            if c.get("restartCount") or last or not c.get("ready"):
+                out.append(f"{name} [{c['name']}]: ready={c.get('ready')} restarts={c.get('restartCount')} "
+                           f"state={json.dumps(c.get('state'))} last={json.dumps(last)}")
+    for svc in json.loads(kubectl("get", "inferenceservices", "-A", "-o", "json", check=False, timeout=30)
+                          or '{"items": []}')["items"]:
+        st = svc.get("status") or {}
+        conds = "; ".join(f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}"
+                          for c in st.get("conditions") or ())
+        out.append(f"isvc {svc['metadata']['name']}: {conds} | autoscaler={json.dumps(st.get('autoscaler'))}"[:800])
+    events = kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", "-o",
+                     "custom-columns=AT:.lastTimestamp,OBJ:.involvedObject.name,REASON:.reason,MSG:.message",
+                     check=False, timeout=30).splitlines()
+    out += ["events (last 15):", *(line[:300] for line in events[-15:])]
+    for selector, ns, tail in ((ENGINE, NS, "15"), ({"app.kubernetes.io/name": "flotilla-operator"},
+                                                    "flotilla-system", "10")):
+        label = ",".join(f"{k}={v}" for k, v in selector.items())
+        for previous in ("false", "true"):
+            text = kubectl("logs", "-n", ns, "-l", label, f"--previous={previous}", f"--tail={tail}",
+                           "--prefix", "--all-containers", check=False, timeout=30).rstrip()
+            if text:
+                out += [f"logs {label}{' (previous)' if previous == 'true' else ''}:",
+                        *(line[:300] for line in text.splitlines())]
+    return "\n".join(out)
+
+
 def why_no_node() -> str | None:
     if os.geteuid() != 0:
         return "the node needs root (containerd, kubelet, iptables): run the suite as root"

@@ -111,7 +111,8 @@ for archive in "$D/pause.oci.tar" "$D"/images/*.tar; do
   marker=$V/containerd/flotilla-imported/$(basename "$archive").stamp
   stamp=$(stat -c %Y-%s "$archive")
   fresh=0
-  if [[ $(head -1 "$marker" 2>/dev/null) == "$stamp" ]]; then
+  # a marker that names no image (written before markers listed them) proves nothing: import again
+  if [[ $(head -1 "$marker" 2>/dev/null) == "$stamp" && $(wc -l < "$marker") -gt 1 ]]; then
     fresh=1
     while read -r ref; do grep -qxF "$ref" <<< "$present" || fresh=0; done < <(tail -n +2 "$marker")
   fi
@@ -142,6 +143,10 @@ registerNode: true
 # No registry can be reached: an image the kubelet garbage-collects (the pause image included) cannot come back.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
+# The node's disk is this machine's, shared with the build caches, the images' archives and the suite: the default
+# thresholds (nodefs 10%, imagefs 15% free) would evict the scenario's pods and taint the node for the host's disk
+# use, which is not what the node suite tests. Evict only when the disk is all but full.
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 EOF
 spawn kubelet "$NBIN/kubelet" --config="$W/kubelet.yaml" --kubeconfig="$W/kubelet.kubeconfig" \
   --root-dir="$V/kubelet" --hostname-override=$NODE --node-ip=$NODE_IP ${KUBELET_EXTRA:-} --v=2
