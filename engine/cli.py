@@ -22,6 +22,8 @@ from typing import Any
 
 from flotilla.engine.config import EngineArgs
 from flotilla.engine.model_loader import BUNDLED_MODEL_ID
+from flotilla.engine.server.reasoning import PARSERS as REASONING_PARSERS
+from flotilla.engine.server.tool_parsers import PARSERS as TOOL_PARSERS
 
 logger = logging.getLogger("flotilla.engine.cli")
 
@@ -43,6 +45,12 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="accept a chat_template in requests (it is code the server runs; off by default)")
     p.add_argument("--chat-template-timeout", type=float, default=10.0,
                    help="seconds one chat-template render may take before the request gets a 400")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide when to call tools (tool_choice auto); needs --tool-call-parser")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                   help="the format the model writes tool calls in (its family's chat template shows which)")
+    p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                   help="split the model's thinking into reasoning_content")
     p.add_argument("--max-n", type=int, default=128,
                    help="most completions (n) one request may ask for; OpenAI's limit is 128")
     p.add_argument("--dtype", default="auto")
@@ -173,6 +181,9 @@ def serve(ns: argparse.Namespace) -> int:
     model_name = args.model or BUNDLED_MODEL_ID
     if ns.max_n < 1 or ns.chat_template_timeout <= 0:
         raise SystemExit("--max-n must be >= 1 and --chat-template-timeout > 0")
+    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(sorted(TOOL_PARSERS))}): the format the model writes its tool calls in")
     state = ServerState(
         served_model_names=ns.served_model_name or [model_name],
         model_path=model_name,
@@ -182,6 +193,8 @@ def serve(ns: argparse.Namespace) -> int:
         chat_template_timeout=ns.chat_template_timeout,
         max_n=ns.max_n,
         log_requests=not ns.disable_log_requests,
+        tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None,
+        reasoning_parser=ns.reasoning_parser,
     )
     app = build_app(state)
     server = _DrainingServer(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,

@@ -397,13 +397,18 @@ class LLMEngine:
         p = r.sampling_params
         n_out = len(r.output_token_ids)
         may_stop = n_out >= p.min_tokens
+        grammar_done = r.grammar is not None and r.grammar.terminated  # it took its stop token: nothing may follow
+        eos = may_stop and not p.ignore_eos and token in p._eos_token_ids
+        stop_id = may_stop and token in (p.stop_token_ids or ())
+        # The token that stops a request is not part of its text (as in vLLM), unless include_stop_str_in_output:
+        # with skip_special_tokens=False it would otherwise end the text as "<|im_end|>".
+        stop_token = token in p._eos_token_ids or token in (p.stop_token_ids or ())
+        hidden = stop_token and (grammar_done or eos or stop_id) and not p.include_stop_str_in_output
         detok = parent.detokenizers[r.index]
-        stop_str = detok.update(token, check_stop=may_stop) if detok is not None else None
-        if r.grammar is not None and r.grammar.terminated:  # the grammar took its stop token: nothing may follow
+        stop_str = detok.update(token, check_stop=may_stop) if detok is not None and not hidden else None
+        if grammar_done or eos:
             self._finish(r, RequestStatus.FINISHED_STOPPED)
-        elif may_stop and not p.ignore_eos and token in p._eos_token_ids:
-            self._finish(r, RequestStatus.FINISHED_STOPPED)
-        elif may_stop and token in (p.stop_token_ids or ()):
+        elif stop_id:
             r.stop_reason = token
             self._finish(r, RequestStatus.FINISHED_STOPPED)
         elif stop_str is not None:

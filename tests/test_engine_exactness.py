@@ -125,4 +125,15 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2_dir, tokenizer):
             assert o.outputs[0].finish_reason == "stop"
         assert o.outputs[0].token_ids == expected
         assert o.outputs[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    # Special tokens kept (as a tool parser needs them): the stop token is still not text, as in vLLM, unless
+    # include_stop_str_in_output asks for it.
+    for include in (False, True):
+        kept = llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
+                            SamplingParams(temperature=0.0, max_tokens=40, skip_special_tokens=False,
+                                           include_stop_str_in_output=include), use_tqdm=False)
+        for o in kept:
+            ids = o.outputs[0].token_ids
+            shown = ids if include or o.outputs[0].finish_reason != "stop" else ids[:-1]
+            assert o.outputs[0].text == tokenizer.decode(shown, skip_special_tokens=False)
+        assert any(o.outputs[0].finish_reason == "stop" for o in kept)
     assert_pool_whole(llm.llm_engine)

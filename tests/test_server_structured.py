@@ -193,3 +193,15 @@ def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(client):
     assert first.prompt_tokens_details.cached_tokens == 0
     # Every full block of the prompt but the last token's (which must be recomputed to sample) comes from the cache.
     assert second.prompt_tokens_details.cached_tokens == (second.prompt_tokens - 1) // 16 * 16
+
+
+def test_auto_tool_choice_needs_the_servers_parser(server):
+    # This server has no --enable-auto-tool-choice: tools with tool_choice auto (OpenAI's default) are refused, as
+    # vLLM refuses them, rather than answered as if no tools were given.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra in ({}, {"tool_choice": "auto"}):
+        r = httpx.post(f"{server.base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "tools": tools,
+                             **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+        assert "--enable-auto-tool-choice" in r.json()["error"]["message"]

@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flotilla.engine.async_engine import AsyncLLMEngine
 from flotilla.engine.errors import EngineDeadError, QueueFullError, RequestFailedError
 from flotilla.engine.outputs import CompletionOutput, LogprobDict, RequestOutput
+from flotilla.engine.server import reasoning, tool_parsers
+from flotilla.engine.server.chat_output import ChatOutputParser, ChoiceStream
 from flotilla.engine.server.chat_template import apply_chat_template
 from flotilla.engine.server.metrics import ServerMetrics
 from flotilla.engine.server.protocol import (
@@ -50,6 +52,9 @@ class ServerState:
     max_n: int = 128  # completions one request may ask for (OpenAI's own cap)
     max_body_bytes: int = 16 * 2**20
     log_requests: bool = True
+    # vLLM's --enable-auto-tool-choice with --tool-call-parser, and --reasoning-parser (names in the parser modules)
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     engine: AsyncLLMEngine | None = None  # None while the model loads
     load_error: str | None = None
     draining: bool = False
@@ -189,14 +194,29 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, "best_of: only best_of equal to n is supported", "best_of")
 
     async def template_ids(engine: AsyncLLMEngine, messages: list[dict], add_generation_prompt: bool,
-                           template: str | None, kwargs: dict | None, continue_final: bool = False) -> list[int]:
+                           template: str | None, kwargs: dict | None, continue_final: bool = False,
+                           tools: list[dict] | None = None) -> list[int]:
         if template is not None and not state.trust_request_chat_template:
             raise APIError(400, "chat_template: templates in requests are refused; the server must be started "
                                 "with --trust-request-chat-template to accept them", "chat_template")
         return await apply_chat_template(
             engine.get_tokenizer(), messages, template=template or state.chat_template,
             add_generation_prompt=add_generation_prompt, continue_final_message=continue_final,
-            kwargs=kwargs, timeout=state.chat_template_timeout)
+            kwargs=kwargs, timeout=state.chat_template_timeout, tools=tools)
+
+    def output_parser(req: ChatCompletionRequest, constrained: bool) -> ChatOutputParser:
+        """How this request's generated text becomes a message: reasoning, tool calls (see chat_output). A grammar
+        (``constrained``) holds from the first token, so such an output has no thinking to split off."""
+        mode = req.tool_choice_mode()
+        if mode == "auto" and state.tool_call_parser is None:
+            raise APIError(400, '"auto" tool choice requires the server to be started with --enable-auto-tool-choice '
+                                "and --tool-call-parser", "tool_choice")
+        named = req.named_tool()
+        return ChatOutputParser(
+            reasoning=reasoning.PARSERS[state.reasoning_parser]() if state.reasoning_parser and not constrained
+            else None,
+            tools=tool_parsers.PARSERS[state.tool_call_parser]() if mode == "auto" else None,
+            named=named.name if named is not None else None, required=mode == "required")
 
     # ---- tokenizer routes -------------------------------------------------------------------------
 
@@ -230,14 +250,16 @@ def build_app(state: ServerState) -> FastAPI:
         check_model(req.model)
         check_n(req.n, req.best_of)
         check_queue(engine)
-        messages = []
-        for m in req.messages:
-            messages.append({"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})})
+        mode = req.tool_choice_mode()
+        messages = [m.for_template() for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         prompt_ids = await template_ids(engine, messages, req.add_generation_prompt, req.chat_template,
-                                        req.chat_template_kwargs, req.continue_final_message)
+                                        req.chat_template_kwargs, req.continue_final_message, tools)
         max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt_ids), engine.engine.max_model_len,
                                  "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
-        params = req.sampling_params(max_tokens, req.requested_logprobs())
+        # A tool parser reads markers that some tokenizers make special tokens ([TOOL_CALLS], <|python_tag|>).
+        params = req.sampling_params(max_tokens, req.requested_logprobs(), keep_special_tokens=mode == "auto")
+        parser = output_parser(req, constrained=params.guided_decoding is not None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or state.served_model_names[0]
         stream = await _start(engine, {"prompt_token_ids": prompt_ids}, params, request_id, req.cache_salt)
@@ -246,16 +268,17 @@ def build_app(state: ServerState) -> FastAPI:
                         max_tokens, params.n)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_chat_chunks(stream, request_id, model, usage, engine, metrics, params.logprobs or 0))
+            return _sse(_chat_chunks(stream, request_id, model, usage, engine, metrics, params.logprobs or 0,
+                                     parser))
         final = await _collect(stream, raw)
         metrics.observe_finished(final)
         tok = engine.get_tokenizer()
         choices = [{
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": parser.message(c.text),
             "logprobs": ({"content": _chat_logprobs(tok, c.token_ids, c.logprobs, params.logprobs or 0)}
                          if c.logprobs is not None else None),
-            "finish_reason": c.finish_reason,
+            "finish_reason": parser.finish_reason(c.text, c.finish_reason),
             "stop_reason": c.stop_reason,
         } for c in final.outputs]
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()),
@@ -458,10 +481,11 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _chat_chunks(stream: AsyncIterator[RequestOutput], request_id: str, model: str, include_usage: bool,
-                       engine: AsyncLLMEngine, metrics: ServerMetrics, top_n: int) -> AsyncIterator[dict]:
+                       engine: AsyncLLMEngine, metrics: ServerMetrics, top_n: int,
+                       parser: ChatOutputParser) -> AsyncIterator[dict]:
     created = int(time.time())
     tok = engine.get_tokenizer()
-    sent_text: dict[int, int] = {}
+    choices_state: dict[int, ChoiceStream] = {}
     sent_tokens: dict[int, int] = {}
     done: set[int] = set()
 
@@ -479,23 +503,22 @@ async def _chat_chunks(stream: AsyncIterator[RequestOutput], request_id: str, mo
         for c in out.outputs:
             if c.index in done:
                 continue
-            if c.index not in sent_text:
+            if c.index not in choices_state:
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
-                sent_text[c.index] = sent_tokens[c.index] = 0
-            delta = c.text[sent_text[c.index]:]
+                choices_state[c.index], sent_tokens[c.index] = ChoiceStream(parser), 0
+            delta = choices_state[c.index].delta(c.text, final=c.finish_reason is not None)
             new_ids = c.token_ids[sent_tokens[c.index]:]
             lp = None
             if c.logprobs is not None and new_ids:
                 lp = {"content": _chat_logprobs(tok, new_ids, c.logprobs[sent_tokens[c.index]:], top_n)}
-            sent_text[c.index] = len(c.text)
             sent_tokens[c.index] = len(c.token_ids)
             if c.finish_reason is not None:
                 done.add(c.index)
             if delta or c.finish_reason is not None or lp:
-                choices.append({"index": c.index, "delta": {"content": delta} if delta else {},
-                                "logprobs": lp, "finish_reason": c.finish_reason,
-                                **({"stop_reason": c.stop_reason} if c.finish_reason else {})})
+                finish = parser.finish_reason(c.text, c.finish_reason)
+                choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish,
+                                **({"stop_reason": c.stop_reason} if finish else {})})
         if choices:
             yield chunk(choices)
     if final is not None and final.finished:

@@ -43,13 +43,13 @@ def render_with_deadline(render: Callable[[], Any], timeout: float) -> Any:
 
 async def apply_chat_template(tokenizer: Any, messages: list[dict], *, template: str | None,
                               add_generation_prompt: bool, continue_final_message: bool,
-                              kwargs: dict | None, timeout: float) -> list[int]:
+                              kwargs: dict | None, timeout: float, tools: list[dict] | None = None) -> list[int]:
     """Token ids of ``messages`` under the chat template; a template error or overrun is the request's
     fault (HTTP 400 naming ``messages``)."""
 
     def render() -> str:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False,
+            messages, chat_template=template, tokenize=False, tools=tools,
             add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message, **(kwargs or {}))
 

@@ -6,6 +6,7 @@ field's name in ``param``.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,7 +114,7 @@ class _SamplingFields(BaseModel):
             raise APIError.invalid(e) from e
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
-                        detokenize: bool = True) -> SamplingParams:
+                        detokenize: bool = True, keep_special_tokens: bool = False) -> SamplingParams:
         bias = None
         if self.logit_bias:
             try:
@@ -127,7 +128,8 @@ class _SamplingFields(BaseModel):
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty or 1.0, logit_bias=bias, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens and not keep_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, detokenize=detokenize,
             allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
             guided_decoding=self.guided_decoding(),
@@ -168,11 +170,26 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call this is the result of
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -183,6 +200,50 @@ class ChatMessage(BaseModel):
                 raise APIError(400, f"content part type {p.type!r} is not supported (text only)", "messages")
             parts.append(p.text or "")
         return "".join(parts)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: tool-call arguments as objects (templates render them with
+        ``tojson``), not the JSON text the API carries."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args = json.loads(c.function.arguments) if c.function.arguments.strip() else {}
+                except json.JSONDecodeError as e:
+                    raise APIError(400, f"messages: tool call {c.id} has arguments that are not JSON: {e}",
+                                   "messages") from e
+                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                                           "arguments": args}})
+            out["tool_calls"] = calls
+        return out
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -195,6 +256,9 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -207,6 +271,50 @@ class ChatCompletionRequest(_SamplingFields):
                 raise APIError(400, "top_logprobs: requires logprobs to be true", "top_logprobs")
             return None
         return self.top_logprobs or 0
+
+    def tool_choice_mode(self) -> str:
+        """``none``, ``auto``, ``required`` or ``named``, as OpenAI defaults it: ``auto`` when tools are given."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        if self.tool_choice != "none" and not self.tools:
+            raise APIError(400, f"tool_choice: {self.tool_choice!r} needs tools", "tool_choice")
+        return self.tool_choice
+
+    def named_tool(self) -> FunctionDefinition | None:
+        if not isinstance(self.tool_choice, NamedToolChoice):
+            return None
+        wanted = self.tool_choice.function.name
+        for tool in self.tools or ():
+            if tool.function.name == wanted:
+                return tool.function
+        raise APIError(400, f"tool_choice: names the function {wanted!r}, which is not among the request's tools",
+                       "tool_choice")
+
+    def guided_decoding(self) -> GuidedDecodingParams | None:
+        """The response format's grammar, or the one ``tool_choice`` imposes: a named tool's arguments, or for
+        ``required`` a list of calls (``chat_output.required_schema``). One of the two, never both."""
+        from flotilla.engine.server.chat_output import required_schema
+
+        mode = self.tool_choice_mode()
+        if mode not in ("named", "required"):
+            return super().guided_decoding()
+        if super().guided_decoding() is not None:
+            raise APIError(400, f"tool_choice: {mode} tool choice cannot be combined with response_format or "
+                                "guided decoding", "tool_choice")
+        named = self.named_tool()
+        if named is not None:
+            schema = named.parameters or {"type": "object"}
+        else:
+            schema = required_schema([t.function.model_dump() for t in self.tools or ()],
+                                     self.parallel_tool_calls is not False)
+        try:
+            # Arguments are for a program, not a reader: compact JSON, which also keeps a small model from padding
+            # every gap with newlines up to the whitespace cap (SmolLM2 did, until max_tokens).
+            return GuidedDecodingParams(json=schema, disable_any_whitespace=True, _origin="tools")
+        except ValueError as e:
+            raise APIError.invalid(e) from e
 
 
 class CompletionRequest(_SamplingFields):
