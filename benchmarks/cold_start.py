@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import signal
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import httpx
 
@@ -42,10 +44,12 @@ def phase(base_url: str, args: argparse.Namespace, seed: int) -> dict:
     return report["ttft_s"]
 
 
-def one_setting(flag: str, args: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def flotilla_server(flags: list[str]) -> Iterator[tuple[str, float]]:
+    """``flotilla serve`` (the bundled model) on a free port: its base URL and how long it took to answer /health
+    200; stopped with SIGTERM on exit."""
     port = free_port()
-    cmd = [sys.executable, "-m", "flotilla.engine.serve", "--port", str(port), "--max-model-len", "1024",
-           "--disable-log-requests", "--dtype", args.dtype, flag]
+    cmd = [sys.executable, "-m", "flotilla.engine.serve", "--port", str(port), "--disable-log-requests", *flags]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -59,12 +63,16 @@ def one_setting(flag: str, args: argparse.Namespace) -> dict:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)  # polling for readiness, not a measurement
-        ready = time.perf_counter() - t0
-        cold = phase(base, args, seed=1)
-        warm = phase(base, args, seed=2)
+        yield base, time.perf_counter() - t0
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+
+
+def one_setting(flag: str, args: argparse.Namespace) -> dict:
+    with flotilla_server(["--max-model-len", "1024", "--dtype", args.dtype, flag]) as (base, ready):
+        cold = phase(base, args, seed=1)
+        warm = phase(base, args, seed=2)
     return {"setting": flag, "ready_s": ready, "cold": cold, "warm": warm}
 
 

@@ -10,7 +10,7 @@ to its last token over its tokens after the first. The JSON schema is bounded (f
 every constrained answer is about as long as the unconstrained ones (``max_tokens`` with ``ignore_eos``).
 
 The stall: eight unconstrained streams run; one second in, a request with a large schema (``--big-properties``
-fields, each an enum or a pattern) arrives. The streams' largest inter-token gap while it compiles is compared with
+fields, each an enum or a pattern) arrives (``--max-num-seqs`` leaves it room beside them). The streams' largest inter-token gap while it compiles is compared with
 the largest gap of the same load without it, and the big request's TTFT says how long compiling took.
 """
 
@@ -21,16 +21,14 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
 
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cold_start import free_port  # noqa: E402
+from cold_start import flotilla_server  # noqa: E402
 from serve import percentiles  # noqa: E402
 
 PEOPLE_SCHEMA = {
@@ -132,21 +130,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args()
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "flotilla.engine.serve", "--port", str(port), "--max-model-len", "1024",
-           "--disable-log-requests", "--dtype", args.dtype, "--max-num-seqs", str(max(args.concurrency, 8))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)  # polling for readiness, not a measurement
+    flags = ["--max-model-len", "1024", "--dtype", args.dtype, "--max-num-seqs", str(max(args.concurrency, 9))]
+    with flotilla_server(flags) as (base, _):
         # Warm: the schema compiled once (the LRU keeps it), so phases measure decoding, not compiling.
         first = asyncio.run(phase(base, True, argparse.Namespace(concurrency=1, requests=1), 256))
         length = max(16, round(first["tokens_mean"]))
@@ -155,14 +140,11 @@ def main() -> None:
             phases.append(asyncio.run(phase(base, False, args, length)))
             phases.append(asyncio.run(phase(base, True, args, 256)))
         stalls = [asyncio.run(stall(base, args, False)), asyncio.run(stall(base, args, True))]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
     free = statistics.median(ph["tpot_s"]["p50"] for ph in phases if not ph["constrained"])
     guided = statistics.median(ph["tpot_s"]["p50"] for ph in phases if ph["constrained"])
     report = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-              "server": " ".join(cmd[1:]), "phases": phases, "stall": stalls,
+              "server_flags": " ".join(flags), "phases": phases, "stall": stalls,
               "tpot_p50_unconstrained_s": free, "tpot_p50_json_schema_s": guided, "ratio": guided / free}
     print(json.dumps(report, indent=1))
     print(f"TPOT p50: unconstrained {free * 1e3:.1f} ms, JSON schema {guided * 1e3:.1f} ms, "

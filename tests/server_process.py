@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -58,3 +60,19 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def serving(args: list[str], api_key: str) -> Iterator[ServerProcess]:
+    """A module's server: ready on entry, and it must exit cleanly (0) when the module is done with it.
+    TRITON_INTERPRET=0: as deployed on a CPU node (the kernel tests in a session set it for themselves)."""
+    proc = ServerProcess(args, env={"FLOTILLA_API_KEY": api_key, "TRITON_INTERPRET": "0"}).wait_ready()
+    yield proc
+    assert proc.stop() == 0
+
+
+def sdk_client(server: ServerProcess, api_key: str, timeout: float = 300):
+    """The official openai client on ``server``, with no retries: a failure must show as one."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=api_key, max_retries=0, timeout=timeout)

@@ -17,7 +17,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from server_process import ServerProcess
+from server_process import sdk_client, serving
 
 pytest.importorskip("xgrammar")
 
@@ -27,17 +27,15 @@ KEY = "sk-test-tools"
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess(["--max-model-len", "1024", "--dtype", "float32", "--max-num-seqs", "32",
-                          "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                          "--reasoning-parser", "deepseek_r1"],
-                         env={"FLOTILLA_API_KEY": KEY, "TRITON_INTERPRET": "0"}).wait_ready()
-    yield proc
-    assert proc.stop() == 0
+    with serving(["--max-model-len", "1024", "--dtype", "float32", "--max-num-seqs", "32",
+                  "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "deepseek_r1"],
+                 KEY) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=KEY, max_retries=0, timeout=300)
+    return sdk_client(server, KEY)
 
 
 class GetWeather(BaseModel):
