@@ -4,6 +4,7 @@ from flotilla.engine.async_engine import AsyncLLMEngine
 from flotilla.engine.config import EngineArgs
 from flotilla.engine.llm import LLM
 from flotilla.engine.llm_engine import LLMEngine
+from flotilla.engine.models.registry import ModelRegistry
 from flotilla.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from flotilla.engine.sampling_params import SamplingParams
 from flotilla.engine.structured_output import GuidedDecodingParams, StructuredOutputsParams
@@ -15,6 +16,7 @@ __all__ = [
     "GuidedDecodingParams",
     "LLM",
     "LLMEngine",
+    "ModelRegistry",
     "Logprob",
     "RequestMetrics",
     "RequestOutput",

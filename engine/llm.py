@@ -58,14 +58,20 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to one conversation (or a list of them) and generate."""
+        """Apply the tokenizer's chat template to one conversation (or a list of them) and generate. ``tools``
+        (OpenAI's function definitions) and ``chat_template_kwargs`` (``enable_thinking``...) reach the template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.get_tokenizer()
         prompts: list[PromptType] = []
         for conv in conversations:
-            ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
-                                          add_generation_prompt=add_generation_prompt, return_dict=False)
+            ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True, tools=tools,
+                                          add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                          continue_final_message=continue_final_message, return_dict=False,
+                                          **(chat_template_kwargs or {}))
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

@@ -21,6 +21,7 @@ from flotilla.engine.detokenizer import IncrementalDetokenizer
 from flotilla.engine.host_memory import peak_rss_bytes, reset_peak_rss
 from flotilla.engine.model_loader import (
     config_dtype,
+    context_limit,
     generation_eos_ids,
     load_config,
     load_model,
@@ -109,10 +110,10 @@ class LLMEngine:
         self.eos_token_ids = generation_eos_ids(self.source, self.tokenizer, self.model_config)
         self.model_name = args.served_model_name or args.model or self.source.name
 
-        max_model_len = args.max_model_len or self.model_config.max_position_embeddings
-        if max_model_len > self.model_config.max_position_embeddings:
-            raise ValueError(f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings "
-                             f"({self.model_config.max_position_embeddings})")
+        limit, limited_by = context_limit(self.model_config)
+        max_model_len = args.max_model_len or limit
+        if max_model_len > limit:
+            raise ValueError(f"max_model_len: {max_model_len} exceeds the model's {limited_by} ({limit})")
         max_batched = args.max_num_batched_tokens or (
             max(2048, args.max_num_seqs) if args.enable_chunked_prefill else max(max_model_len, args.max_num_seqs))
         if not args.enable_chunked_prefill and max_batched < max_model_len:

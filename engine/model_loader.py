@@ -25,7 +25,7 @@ from torch import nn
 
 from flotilla.engine.model_source import cache_root, fetch, parse_model_uri, prebuilt_cache_roots
 from flotilla.engine.layers.linear import pack_for_cpu
-from flotilla.engine.models.llama import MODEL_REGISTRY
+from flotilla.engine.models.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +135,35 @@ def load_config(source: ModelSource) -> Any:
     if source.load_format == "dummy" and not (source.folder / "config.json").exists():
         raise ValueError(f"no config.json in {source.folder}")
     config = AutoConfig.from_pretrained(str(source.folder))
-    arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
-    if arch not in MODEL_REGISTRY:
-        raise ValueError(f"architecture {arch} is not supported; supported: {sorted(MODEL_REGISTRY)}")
+    ModelRegistry.resolve(architecture(config))  # an architecture nothing serves fails here, before any loading
     return config
+
+
+def architecture(config: Any) -> str:
+    return (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window the config's layers use, if they use one: Mistral v0.1's 4096; Qwen2/3 set a window
+    only with ``use_sliding_window`` (transformers lists each layer's kind in ``layer_types``)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None and "sliding_attention" not in kinds:
+        return None
+    return int(window)
+
+
+def context_limit(config: Any) -> tuple[int, str]:
+    """The longest context this engine serves the model exactly, and what sets it. Attention here is over the whole
+    context, which equals a sliding window's only while the context fits in the window: a windowed model is
+    served up to its window (as vLLM did before it had windowed attention)."""
+    limit, why = int(config.max_position_embeddings), "max_position_embeddings"
+    window = sliding_window(config)
+    if window is not None and window < limit:
+        limit, why = window, "sliding window (windowed attention is not implemented yet)"
+    return limit, why
 
 
 def config_dtype(config: Any) -> torch.dtype | None:
@@ -158,8 +183,7 @@ def iterate_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(source: ModelSource, config: Any, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
-    arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
-    model_cls = MODEL_REGISTRY[arch]
+    model_cls = ModelRegistry.resolve(architecture(config))
     with torch.device(device):
         model = model_cls(config)
     if source.load_format == "dummy":

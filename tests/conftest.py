@@ -16,6 +16,9 @@ TINY_VARIANTS = {
     "llama": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     # Qwen2: q/k/v bias, untied lm_head, no GQA
     "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    # Qwen3: per-head RMSNorm of q and k before RoPE, head_dim (32) apart from hidden / heads (16), tied embeddings
+    "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  tie_word_embeddings=True),
     # Llama 3.1-style RoPE scaling and 4:1 GQA
     "llama3": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -54,17 +57,18 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
-def _build_tiny(variant: str, folder: Path, tokenizer) -> Path:
+def _build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(TINY_VARIANTS[variant])
+    spec = {**TINY_VARIANTS.get(variant, {"model_type": variant}), **overrides}
     model_type = spec.pop("model_type")
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=2,
         **spec,
     )
-    config.architectures = ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"]
+    config.architectures = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                             "mistral": "MistralForCausalLM"}.get(model_type, "LlamaForCausalLM")]
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # a wider init than the default makes greedy choices decisive (no near-ties)
@@ -73,6 +77,8 @@ def _build_tiny(variant: str, folder: Path, tokenizer) -> Path:
                 p.normal_(0.0, 0.08)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.05)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # not all ones: a misplaced norm must show
+                p.normal_(1.0, 0.2)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -86,6 +92,11 @@ def tiny_model(request, tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer) -> Path:
     return _build_tiny("llama", tmp_path_factory.mktemp("tiny-llama-single"), tokenizer)
+
+
+def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
+    """A tiny random model of a transformers ``model_type`` (or a TINY_VARIANTS entry), with config overrides."""
+    return _build_tiny(variant, folder, tokenizer, **overrides)
 
 
 _HF_CACHE: dict[str, object] = {}

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) written against Flotilla's layers.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) written against Flotilla's layers.
 
 Tokens arrive flattened, ``[num_tokens]`` with their positions: no batch dimension and no padding. The
 projections are packed (q/k/v -> qkv_proj, gate/up -> gate_up_proj) so each layer runs two big matmuls
@@ -53,10 +53,18 @@ class LlamaAttention(nn.Module):
         theta, scaling = _rope_settings(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        # Qwen3 normalises each head's query and key (one RMSNorm over head_dim, shared by the heads) before RoPE.
+        self.q_norm = self.k_norm = None
+        if config.model_type == "qwen3":
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim))
+            k = self.k_norm(k.reshape(-1, self.head_dim))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
@@ -172,10 +180,3 @@ class LlamaForCausalLM(nn.Module):
         if plain_missing or packed_missing:
             raise ValueError(f"checkpoint lacks tensors for: {sorted(plain_missing | packed_missing)[:8]}")
         return loaded
-
-
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-}

@@ -1,0 +1,82 @@
+"""Architectures: ModelRegistry (vLLM's ``register_model``, by class or by ``module:Class``), the refusal of what
+nothing serves, and a sliding-window model served up to its window (where full attention equals windowed
+attention), each checked against transformers' greedy output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import build_tiny, hf_greedy
+from flotilla.engine import LLM, ModelRegistry, SamplingParams
+from flotilla.engine.models.llama import LlamaForCausalLM
+
+
+class RenamedLlama(LlamaForCausalLM):
+    """A user's own model class: here the Llama code under another architecture name."""
+
+
+def renamed_copy(folder, tmp_path, architecture: str):
+    copy = tmp_path / architecture
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["architectures"] = [architecture]
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def greedy(llm: LLM, prompt: list[int], n: int) -> list[int]:
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+PROMPT = [5, 17, 42, 8, 99, 3, 61]
+
+
+@pytest.mark.parametrize("how", ["class", "import path"])
+def test_a_registered_architecture_is_served(tiny_llama, tmp_path, how):
+    arch = f"RenamedLlama{'Lazy' if how == 'import path' else ''}ForCausalLM"
+    folder = renamed_copy(tiny_llama, tmp_path, arch)
+    with pytest.raises(ValueError, match=f"architecture {arch} is not supported.*register_model"):
+        LLM(str(folder), dtype="float32")
+    ModelRegistry.register_model(arch, RenamedLlama if how == "class" else "test_model_registry:RenamedLlama")
+    assert arch in ModelRegistry.get_supported_archs()
+    llm = LLM(str(folder), dtype="float32", max_model_len=128)
+    assert type(llm.llm_engine.runner.model) is RenamedLlama
+    assert greedy(llm, PROMPT, 12) == hf_greedy(tiny_llama, PROMPT, 12)
+
+
+@pytest.mark.parametrize("model", [42, "no_colon", "a:b:c", object])
+def test_a_registration_that_names_no_model_class_is_refused(model):
+    with pytest.raises(ValueError, match="model"):
+        ModelRegistry.register_model("Whatever", model)
+
+
+def test_a_lazy_registration_that_cannot_import_fails_when_used(tiny_llama, tmp_path):
+    ModelRegistry.register_model("MissingForCausalLM", "no_such_module_here:Model")
+    folder = renamed_copy(tiny_llama, tmp_path, "MissingForCausalLM")
+    with pytest.raises(ValueError, match="cannot import no_such_module_here:Model"):
+        LLM(str(folder), dtype="float32")
+
+
+def test_a_sliding_window_model_is_served_up_to_its_window(tmp_path, tokenizer):
+    folder = build_tiny("mistral", tmp_path / "mistral", tokenizer, num_attention_heads=4, num_key_value_heads=2,
+                        sliding_window=48)
+    with pytest.raises(ValueError, match=r"max_model_len: 128 exceeds the model's sliding window.*\(48\)"):
+        LLM(str(folder), dtype="float32", max_model_len=128)
+    llm = LLM(str(folder), dtype="float32")
+    assert llm.llm_engine.scheduler_config.max_model_len == 48
+    # Inside the window, full attention is the window's: token for token transformers' (which applies the window).
+    assert greedy(llm, PROMPT, 40) == hf_greedy(folder, PROMPT, 40)
+
+
+def test_chat_passes_tools_and_template_kwargs_to_the_template(tiny_llama, tokenizer):
+    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{{ greeting }}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    llm = LLM(str(tiny_llama), dtype="float32", max_model_len=128)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1), use_tqdm=False,
+                   chat_template=template, tools=tools, chat_template_kwargs={"greeting": "hello "})
+    assert out[0].prompt_token_ids == tokenizer.encode("[get_weather]hello hi", add_special_tokens=False)
