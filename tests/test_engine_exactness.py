@@ -90,20 +90,20 @@ def test_prefix_cache_hits_are_exact_and_skip_computation(tiny_llama):
     assert_pool_whole(engine)
 
 
-def test_prefix_cache_on_and_off_agree_under_preemption_and_chunking(tiny_llama):
-    vocab_probe = LLM(str(tiny_llama), dtype="float32", num_gpu_blocks_override=64)
+def test_prefix_cache_on_and_off_agree_under_preemption_and_chunking(tiny_model):
+    vocab_probe = LLM(str(tiny_model), dtype="float32", num_gpu_blocks_override=64)
     vocab = vocab_probe.llm_engine.model_config.vocab_size
     base = _prompts(1, 40, 40, vocab, seed=5)[0]
     prompts = [base + p for p in _prompts(6, 1, 30, vocab, seed=6)]
     results = []
     for caching in (True, False):
-        llm = LLM(str(tiny_llama), dtype="float32", num_gpu_blocks_override=14, max_model_len=128,
+        llm = LLM(str(tiny_model), dtype="float32", num_gpu_blocks_override=14, max_model_len=128,
                   max_num_batched_tokens=32, enable_prefix_caching=caching)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _greedy(20), use_tqdm=False)
         results.append([o.outputs[0].token_ids for o in outs])
         assert_pool_whole(llm.llm_engine)
     assert results[0] == results[1]
-    assert results[0][0] == hf_greedy(tiny_llama, prompts[0], 20)
+    assert results[0][0] == hf_greedy(tiny_model, prompts[0], 20)
 
 
 @pytest.mark.smollm2
