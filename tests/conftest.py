@@ -19,6 +19,8 @@ TINY_VARIANTS = {
     # Qwen3: per-head RMSNorm of q and k before RoPE, head_dim (32) apart from hidden / heads (16), tied embeddings
     "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   tie_word_embeddings=True),
+    # Phi-3: q/k/v and gate/up fused in the checkpoint (qkv_proj, gate_up_proj)
+    "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     # Llama 3.1-style RoPE scaling and 4:1 GQA
     "llama3": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -67,7 +69,7 @@ def _build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
         max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=2,
         **spec,
     )
-    config.architectures = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    config.architectures = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
                              "mistral": "MistralForCausalLM"}.get(model_type, "LlamaForCausalLM")]
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

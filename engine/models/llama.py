@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) written against Flotilla's layers.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM) written against Flotilla's layers.
 
 Tokens arrive flattened, ``[num_tokens]`` with their positions: no batch dimension and no padding. The
 projections are packed (q/k/v -> qkv_proj, gate/up -> gate_up_proj) so each layer runs two big matmuls
@@ -7,7 +7,7 @@ instead of five; ``load_weights`` maps checkpoint names onto the packed paramete
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -146,12 +146,32 @@ class LlamaForCausalLM(nn.Module):
         """Logits over the whole vocabulary, on every rank (gathered from the ranks' vocabulary shards)."""
         return (self.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
 
+    def _unfused(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoints that store q/k/v or gate/up already fused (Phi-3's ``qkv_proj``, ``gate_up_proj``) as the
+        separate tensors the packed layers load, each then split across tensor-parallel ranks as usual."""
+        c = self.config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kv = (getattr(c, "num_key_value_heads", None) or heads) * head_dim
+        parts = {"qkv_proj": (("q_proj", heads * head_dim), ("k_proj", kv), ("v_proj", kv)),
+                 "gate_up_proj": (("gate_proj", c.intermediate_size), ("up_proj", c.intermediate_size))}
+        for name, tensor in weights:
+            fused = next((f for f in parts if f".{f}." in name), None)
+            if fused is None:
+                yield name, tensor
+                continue
+            sizes = [size for _, size in parts[fused]]
+            if tensor.shape[0] != sum(sizes):
+                raise ValueError(f"{name}: {tensor.shape[0]} rows, expected {sum(sizes)} ({fused} fused)")
+            for (piece, _), chunk in zip(parts[fused], tensor.split(sizes, dim=0)):
+                yield name.replace(fused, piece), chunk
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into the parameters; returns the names loaded.
         Raises if a parameter is left unloaded, so a mismatched checkpoint fails loudly."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        for name, tensor in weights:
+        for name, tensor in self._unfused(weights):
             if "rotary_emb.inv_freq" in name:
                 continue
             name = name.removeprefix("model.")

@@ -31,6 +31,7 @@ _BUILTIN: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": LlamaForCausalLM,  # fused qkv/gate_up checkpoints; LongRoPE (the 128k models) not yet
 }
 
 
