@@ -401,10 +401,9 @@ class LLMEngine:
         grammar_done = r.grammar is not None and r.grammar.terminated  # it took its stop token: nothing may follow
         eos = may_stop and not p.ignore_eos and token in p._eos_token_ids
         stop_id = may_stop and token in (p.stop_token_ids or ())
-        # The token that stops a request is not part of its text (as in vLLM), unless include_stop_str_in_output:
-        # with skip_special_tokens=False it would otherwise end the text as "<|im_end|>".
-        stop_token = token in p._eos_token_ids or token in (p.stop_token_ids or ())
-        hidden = stop_token and (grammar_done or eos or stop_id) and not p.include_stop_str_in_output
+        # The token that stops a request (a grammar ends on one too) is not part of its text (as in vLLM), unless
+        # include_stop_str_in_output: with skip_special_tokens=False it would otherwise end the text as "<|im_end|>".
+        hidden = (grammar_done or eos or stop_id) and not p.include_stop_str_in_output
         detok = parent.detokenizers[r.index]
         stop_str = detok.update(token, check_stop=may_stop) if detok is not None and not hidden else None
         if grammar_done or eos:

@@ -59,7 +59,8 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
-def _build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
+def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
+    """A tiny random model of a TINY_VARIANTS entry (or any transformers ``model_type``), with config overrides."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = {**TINY_VARIANTS.get(variant, {"model_type": variant}), **overrides}
@@ -88,17 +89,12 @@ def _build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
 
 @pytest.fixture(scope="session", params=sorted(TINY_VARIANTS))
 def tiny_model(request, tmp_path_factory, tokenizer) -> Path:
-    return _build_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer)
+    return build_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer) -> Path:
-    return _build_tiny("llama", tmp_path_factory.mktemp("tiny-llama-single"), tokenizer)
-
-
-def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
-    """A tiny random model of a transformers ``model_type`` (or a TINY_VARIANTS entry), with config overrides."""
-    return _build_tiny(variant, folder, tokenizer, **overrides)
+    return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama-single"), tokenizer)
 
 
 _HF_CACHE: dict[str, object] = {}

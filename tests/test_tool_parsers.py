@@ -74,6 +74,8 @@ CASES = [
      "", calls(("get_weather", WEATHER), ("search", NESTED))),
     (PythonicParser, '<|python_start|>[get_weather(city="Paris", unit="celsius")]<|python_end|>',
      "", calls(("get_weather", WEATHER))),
+    (PythonicParser, '<|python_start|>\n[get_weather(city="Paris", unit="celsius")]', "",
+     calls(("get_weather", WEATHER))),  # whitespace after the tag: still no content while it streams
     (PythonicParser, "[1, 2, 3]", "[1, 2, 3]", []),
     (PythonicParser, "It is sunny in Paris.", "It is sunny in Paris.", []),
 ]

@@ -204,10 +204,9 @@ def build_app(state: ServerState) -> FastAPI:
             add_generation_prompt=add_generation_prompt, continue_final_message=continue_final,
             kwargs=kwargs, timeout=state.chat_template_timeout, tools=tools)
 
-    def output_parser(req: ChatCompletionRequest, constrained: bool) -> ChatOutputParser:
+    def output_parser(req: ChatCompletionRequest, mode: str, constrained: bool) -> ChatOutputParser:
         """How this request's generated text becomes a message: reasoning, tool calls (see chat_output). A grammar
         (``constrained``) holds from the first token, so such an output has no thinking to split off."""
-        mode = req.tool_choice_mode()
         if mode == "auto" and state.tool_call_parser is None:
             raise APIError(400, '"auto" tool choice requires the server to be started with --enable-auto-tool-choice '
                                 "and --tool-call-parser", "tool_choice")
@@ -259,7 +258,7 @@ def build_app(state: ServerState) -> FastAPI:
                                  "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         # A tool parser reads markers that some tokenizers make special tokens ([TOOL_CALLS], <|python_tag|>).
         params = req.sampling_params(max_tokens, req.requested_logprobs(), keep_special_tokens=mode == "auto")
-        parser = output_parser(req, constrained=params.guided_decoding is not None)
+        parser = output_parser(req, mode, constrained=params.guided_decoding is not None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or state.served_model_names[0]
         stream = await _start(engine, {"prompt_token_ids": prompt_ids}, params, request_id, req.cache_salt)

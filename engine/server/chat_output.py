@@ -71,7 +71,7 @@ class ChatOutputParser:
     def message(self, text: str) -> dict[str, Any]:
         """The non-streamed ``message`` for one choice's whole text."""
         out = self.parse(text, final=True)
-        msg: dict[str, Any] = {"role": "assistant", "content": out.content or (None if out.calls else out.content)}
+        msg: dict[str, Any] = {"role": "assistant", "content": None if out.calls and not out.content else out.content}
         if self.reasoning is not None:
             msg["reasoning_content"] = out.reasoning or None
         if self.tools is not None or self.named is not None or self.required:
@@ -119,6 +119,3 @@ class ChoiceStream:
         if calls:
             delta["tool_calls"] = calls
         return delta
-
-    def finish_reason(self, text: str, reason: str | None) -> str | None:
-        return self.parser.finish_reason(text, reason)

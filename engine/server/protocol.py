@@ -12,6 +12,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from flotilla.engine.sampling_params import SamplingParams
+from flotilla.engine.server.chat_output import required_schema
 from flotilla.engine.structured_output import GuidedDecodingParams
 
 
@@ -295,8 +296,6 @@ class ChatCompletionRequest(_SamplingFields):
     def guided_decoding(self) -> GuidedDecodingParams | None:
         """The response format's grammar, or the one ``tool_choice`` imposes: a named tool's arguments, or for
         ``required`` a list of calls (``chat_output.required_schema``). One of the two, never both."""
-        from flotilla.engine.server.chat_output import required_schema
-
         mode = self.tool_choice_mode()
         if mode not in ("named", "required"):
             return super().guided_decoding()

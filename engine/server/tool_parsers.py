@@ -76,44 +76,60 @@ def safe_length(text: str, markers: tuple[str, ...]) -> int:
     return len(text)
 
 
-def _settled(content: str, final: bool, has_calls: bool) -> str:
-    """Trailing whitespace is held back until what follows it is known: dropped before tool calls, kept otherwise."""
-    return content if final and not has_calls else content.rstrip()
+def _settled(content: str, final: bool) -> str:
+    """Trailing whitespace is held back until what follows it is known (``_with_calls`` drops it before calls)."""
+    return content if final else content.rstrip()
 
 
-def json_values(text: str, pos: int, separators: str) -> Iterator[tuple[Any, int, int]]:
-    """Successive complete JSON values from ``pos``, with their spans, skipping whitespace and ``separators``
-    between them; stops at the first value that is incomplete or not JSON."""
+def _without_marker(text: str, marker: str, final: bool) -> Parsed:
+    """An output with no call marker yet: all content, but for a tail that may be the marker's start."""
+    return Parsed(_settled(text if final else text[:safe_length(text, (marker,))], final))
+
+
+def _opening(text: str, tag: str, final: bool) -> tuple[str, int] | None:
+    """For formats whose calls open the output, optionally after ``tag``: the output from its first character
+    after the tag (and whitespace), with that character's index; None while the output is too short to tell."""
+    body = text.lstrip()
+    if body.startswith(tag):
+        body = body[len(tag):].lstrip()
+    elif tag.startswith(body):
+        body = ""
+    if not body and not final:
+        return None
+    return body, len(text) - len(body)
+
+
+def json_values(text: str, pos: int, separators: str) -> Iterator[tuple[Any, int]]:
+    """Successive complete JSON values from ``pos``, each with where it ends, skipping whitespace and
+    ``separators`` between them; stops at the first value that is incomplete or not JSON."""
     while True:
-        while pos < len(text) and (text[pos].isspace() or text[pos] in separators):
-            pos += 1
-        if pos >= len(text):
-            return
+        pos = _skip(text, pos, separators)
         try:
-            value, end = _DECODER.raw_decode(text, pos)
+            value, pos = _DECODER.raw_decode(text, pos)
         except json.JSONDecodeError:
             return
-        yield value, pos, end
-        pos = end
+        yield value, pos
+
+
+def _skip(text: str, pos: int, separators: str) -> int:
+    while pos < len(text) and (text[pos].isspace() or text[pos] in separators):
+        pos += 1
+    return pos
 
 
 def json_array_calls(text: str, pos: int) -> tuple[list[ToolCall], int, bool]:
     """The calls of a JSON array of call objects starting at ``text[pos] == "["``: the complete elements' calls
     (invalid elements skipped), where parsing stopped, and whether the array closed."""
     calls: list[ToolCall] = []
-    i = pos + 1
-    while True:
-        while i < len(text) and (text[i].isspace() or text[i] == ","):
-            i += 1
-        if i < len(text) and text[i] == "]":
-            return calls, i + 1, True
-        try:
-            value, i = _DECODER.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return calls, i, False
+    stop = pos + 1
+    for value, stop in json_values(text, stop, ","):
         call = call_from_json(value)
         if call is not None:
             calls.append(call)
+    stop = _skip(text, stop, ",")
+    if stop < len(text) and text[stop] == "]":
+        return calls, stop + 1, True
+    return calls, stop, False
 
 
 class ToolParser:
@@ -137,7 +153,7 @@ class HermesParser(ToolParser):
     def parse(self, text: str, final: bool) -> Parsed:
         first = text.find(self.START)
         if first < 0:
-            return Parsed(_settled(text if final else text[:safe_length(text, (self.START,))], final, False))
+            return _without_marker(text, self.START, final)
         calls: list[ToolCall] = []
         rest: list[str] = []  # what is not a call, kept as content
         pos = first
@@ -175,7 +191,7 @@ class MistralParser(ToolParser):
     def parse(self, text: str, final: bool) -> Parsed:
         first = text.find(self.MARKER)
         if first < 0:
-            return Parsed(_settled(text if final else text[:safe_length(text, (self.MARKER,))], final, False))
+            return _without_marker(text, self.MARKER, final)
         calls: list[ToolCall] = []
         rest: list[str] = []
         for piece in text[first:].split(self.MARKER)[1:]:
@@ -209,25 +225,21 @@ class Llama3JsonParser(ToolParser):
     TAG = "<|python_tag|>"
 
     def parse(self, text: str, final: bool) -> Parsed:
-        body = text.lstrip()
-        if not final and (not body or self.TAG.startswith(body)):
+        opening = _opening(text, self.TAG, final)
+        if opening is None:
             return Parsed("")  # cannot tell yet whether this is a call
-        start = len(text) - len(body)
-        if body.startswith(self.TAG):
-            start += len(self.TAG)
-        elif not body.startswith("{"):
-            return Parsed(_settled(text, final, False))
+        body, start = opening
+        if not body.startswith("{"):
+            return Parsed(_settled(text, final))
         calls: list[ToolCall] = []
-        rest: list[str] = []
         stop = start
-        for value, _, end in json_values(text, start, ";"):
+        for value, end in json_values(text, start, ";"):
             call = call_from_json(value)
             if call is None:
                 break
             calls.append(call)
             stop = end
-        if final and text[stop:].strip(" \n;"):
-            rest.append(text[stop:])
+        rest = [text[stop:]] if final and text[stop:].strip(" \n;") else []
         return _with_calls(text, 0, calls, rest, final)
 
 
@@ -236,14 +248,12 @@ class PythonicParser(ToolParser):
     START, END = "<|python_start|>", "<|python_end|>"
 
     def parse(self, text: str, final: bool) -> Parsed:
-        body = text.lstrip()
-        if not final and (not body or self.START.startswith(body)):
+        opening = _opening(text, self.START, final)
+        if opening is None:
             return Parsed("")  # cannot tell yet whether this is a call
-        if body.startswith(self.START):
-            body = body[len(self.START):].lstrip()
-        start = len(text) - len(body)
+        body, start = opening
         if not body.startswith("["):
-            return Parsed(_settled(text, final, False))
+            return Parsed(_settled(text, final))
         found = _python_call_list(text, start)
         if found is None:
             return Parsed(text if final else "")
