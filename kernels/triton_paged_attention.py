@@ -2,11 +2,10 @@
 over the paged cache. Same signatures and layouts as the torch references in
 ``flotilla.kernels.paged_attention``, which are their test oracle and the CPU path.
 
-Numerics: every load is cast to fp32 and softmax statistics, scores and accumulators are fp32. Decode is
-bandwidth-bound, so its two matmuls run in fp32 too (``input_precision="ieee"``: no TF32 rounding). Prefill
-is compute-bound, so its matmuls take the storage dtype (fp16/bf16 on tensor cores, fp32 operands stay
-IEEE fp32) with fp32 accumulation and the probabilities are rounded to V's dtype before ``P @ V``, as
-flash-attention does; the tests' fp16 tolerances cover that rounding.
+Numerics: softmax statistics, scores and accumulators are fp32. The matmuls take the storage dtype (fp16/bf16 on
+tensor cores; fp32 operands stay IEEE fp32, no TF32) with fp32 accumulation, and the probabilities are rounded to
+V's dtype before ``P @ V``, as flash-attention does; the tests' fp16 tolerances cover that rounding. (Decode once
+cast its tiles to fp32 for fp32 products: on an H100 that held it to 11% of the copy bandwidth.)
 
 Under ``TRITON_INTERPRET=1`` these run on CPU tensors (slowly), which is how the CPU test suite checks them.
 """
@@ -22,6 +21,12 @@ import triton.language as tl
 # Decode: a split should cover enough tokens that the merge is cheap relative to the split itself.
 _MIN_TOKENS_PER_SPLIT = 256
 _MAX_SPLITS = 64
+# Decode launch shape on CUDA: tokens per loop iteration (several cache blocks, gathered through the block table, so
+# that enough bytes are in flight to keep HBM busy), warps, and software-pipelining depth. Chosen by the sweep in
+# benchmarks/kernels.py (--sweep) on an H100; the interpreter takes 32 tokens an iteration.
+DECODE_TILE_N = 64
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,7 +49,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_s
     return max(1, min(want, cap, _MAX_SPLITS))
 
 
-@triton.jit(do_not_specialize=["blocks_per_split"])
+@triton.jit(do_not_specialize=["tiles_per_split"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
     stride_qs, stride_qh,
@@ -54,50 +59,62 @@ def _decode_kernel(
     stride_os, stride_oh, stride_osplit,
     stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, blocks_per_split,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, tiles_per_split,
 ):
-    """One program: one sequence × one KV head × one split of its blocks. It serves all GROUP query heads
-    that share the KV head, so each K/V tile is read once for the whole group (GQA). The group is padded to
-    BLOCK_G >= 16 rows so the score and PV products are ``tl.dot``s."""
+    """One program: one sequence × one KV head × one split of its tokens, TILE_N tokens an iteration (each token's
+    cache block looked up in the block table, so a tile may span several blocks). It serves all GROUP query heads
+    that share the KV head, so each K/V tile is read once for the whole group (GQA); the group is padded to
+    BLOCK_G >= 16 rows so the score and PV products are ``tl.dot``s. IEEE: fp32 operands, fp32 products (fp32
+    caches); otherwise the products take the cache's dtype on tensor cores, accumulating in fp32."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(lens_ptr + seq)
-    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, num_blocks)
+    first = split * tiles_per_split * TILE_N
+    last = tl.minimum(first + tiles_per_split * TILE_N, seq_len)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    t = tl.arange(0, BLOCK_SIZE)
+    n = tl.arange(0, TILE_N)
     heads = kvh * GROUP + g
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
 
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(k_ptr.dtype.element_ty)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
-    for blk in range(first, last):
-        phys = tl.load(bt_ptr + seq * stride_bt + blk).to(tl.int64)
-        t_ok = blk * BLOCK_SIZE + t < seq_len  # the last block may be partial
+    table = bt_ptr + seq * stride_bt
+    for start in range(first, last, TILE_N):
+        pos = start + n
+        t_ok = pos < last  # the last tile may be partial
+        phys = tl.load(table + pos // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
+        within = pos % BLOCK_SIZE
         kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + phys * stride_kb + t[:, None] * stride_kt + d[None, :], mask=kv_mask,
-                    other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_SIZE]
+        k = tl.load(k_base + (phys * stride_kb + within * stride_kt)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + (phys * stride_vb + within * stride_vt)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale  # [BLOCK_G, TILE_N]
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)  # 0 on the first block (m = -inf)
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
         l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + phys * stride_vb + t[:, None] * stride_vt + d[None, :], mask=kv_mask,
-                    other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
 
     has = l > 0  # an empty split (past the sequence's end) has l = 0
@@ -155,9 +172,13 @@ def paged_decode_attention(
     scale: float,
     *,
     num_splits: int | None = None,
+    tile_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``paged_decode_attention_ref``. ``num_splits`` forces the split-K factor (tests);
-    by default ``decode_num_splits`` picks it from the shapes."""
+    by default ``decode_num_splits`` picks it from the shapes. ``tile_n``/``num_warps``/``num_stages`` override the
+    launch shape (benchmarks/kernels.py --sweep)."""
     num_seqs, num_heads, head_dim = query.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     _check_cache(k_cache, v_cache)
@@ -166,11 +187,14 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     query = query if query.stride(-1) == 1 else query.contiguous()
+    cuda = query.device.type == "cuda"
+    tile_n = tile_n or (DECODE_TILE_N if cuda else 32)  # 32: tiles span blocks in the CPU tests too
     max_blocks = block_tables.shape[1]
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_blocks, block_size, query.device)
-    blocks_per_split = triton.cdiv(max_blocks, max(1, num_splits))
-    num_splits = triton.cdiv(max_blocks, blocks_per_split)  # no split that starts past every table's end
+    max_tiles = triton.cdiv(max_blocks * block_size, tile_n)
+    tiles_per_split = triton.cdiv(max_tiles, max(1, num_splits))
+    num_splits = triton.cdiv(max_tiles, tiles_per_split)  # no split that starts past every table's end
     block_g = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
     split = num_splits > 1
@@ -188,9 +212,11 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         *t_strides, *l_strides,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        SPLIT=split, blocks_per_split=blocks_per_split,  # a runtime value: no recompile per batch shape
-        num_warps=4,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n,
+        SPLIT=split, IEEE=k_cache.dtype == torch.float32,
+        tiles_per_split=tiles_per_split,  # a runtime value: no recompile per batch shape
+        num_warps=num_warps or (DECODE_NUM_WARPS if cuda else 4),
+        num_stages=num_stages or (DECODE_NUM_STAGES if cuda else 1),
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](
@@ -287,6 +313,12 @@ def _prefill_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+# Prefill launch shape on CUDA (query tokens a program, keys an iteration, warps, pipelining depth): chosen by the
+# sweep in benchmarks/kernels.py (--sweep) on an H100. ``PREFILL_LAUNCH_OVERRIDE`` replaces it for that sweep.
+PREFILL_LAUNCH = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
+PREFILL_LAUNCH_OVERRIDE: dict | None = None
+
+
 def _prefill_launch(query, key_src, value_src, block_tables, seq_lens, query_start_loc, scale, block_size,
                     paged: bool, key_strides, value_strides) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
@@ -296,17 +328,20 @@ def _prefill_launch(query, key_src, value_src, block_tables, seq_lens, query_sta
     if num_tokens == 0 or num_seqs == 0:
         return out
     query = query if query.stride(-1) == 1 else query.contiguous()
-    block_m = 16 if query.device.type != "cuda" else 64
-    block_n = max(16, min(64, block_size)) if query.device.type != "cuda" else 64
+    if query.device.type == "cuda":
+        launch = PREFILL_LAUNCH_OVERRIDE or PREFILL_LAUNCH
+    else:
+        launch = dict(block_m=16, block_n=max(16, min(64, block_size)), num_warps=4, num_stages=1)
+    block_m = launch["block_m"]
     _prefill_kernel[(num_tokens // block_m + num_seqs, num_heads)](
         query, key_src, value_src, out, block_tables, seq_lens, query_start_loc, scale, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *key_strides, *value_strides, block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, PAGED=paged,
+        BLOCK_M=block_m, BLOCK_N=launch["block_n"], BLOCK_SIZE=block_size, PAGED=paged,
         # fp32 operands stay IEEE fp32 (no TF32); fp16/bf16 ignore this and use tensor cores.
         DOT_PRECISION="ieee" if key_src.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2 if query.device.type == "cuda" else 1,
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out
 

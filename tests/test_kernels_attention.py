@@ -32,7 +32,7 @@ from flotilla.kernels.triton_paged_attention import (  # noqa: E402
     varlen_causal_attention,
 )
 
-DECODE_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DECODE_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 PREFILL_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 # (heads, kv_heads): GQA ratios 1, 4 and 8
