@@ -72,7 +72,7 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="run the shapes the server will meet before /health turns 200 (--no-warmup: skip)")
-    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly (GPU)")
     p.add_argument("--disable-log-requests", action="store_true")
     p.add_argument("--max-queue-len", type=int, default=None,
                    help="answer 503 while this many requests wait to be scheduled")
@@ -153,7 +153,7 @@ def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
         gpu_memory_utilization=ns.gpu_memory_utilization, num_gpu_blocks_override=ns.num_gpu_blocks_override,
         swap_space=ns.swap_space, preemption_mode=ns.preemption_mode, enable_prefix_caching=ns.enable_prefix_caching,
         enable_chunked_prefill=ns.enable_chunked_prefill, load_format=ns.load_format, seed=ns.seed,
-        device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=True,
+        device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=ns.enforce_eager,
         revision=ns.revision, download_dir=ns.download_dir, hf_token=ns.hf_token,
         tensor_parallel_size=ns.tensor_parallel_size, warmup=ns.warmup,
     )

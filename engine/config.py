@@ -52,7 +52,7 @@ class EngineArgs:
     device: str = "auto"
     served_model_name: str | None = None
     trust_remote_code: bool = False
-    enforce_eager: bool = True
+    enforce_eager: bool = False  # True: no CUDA graphs (they capture decode steps on a GPU: cuda_graphs.py)
     disable_log_stats: bool = True
     revision: str | None = None  # branch, tag or commit of a Hugging Face repo (or ORG/NAME@REV)
     download_dir: str | None = None  # the Hugging Face cache to download into (default: HF_HOME's)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Union
 import torch
 
 from flotilla.engine.block_manager import BlockManager, SwapPool
+from flotilla.engine.cuda_graphs import graphs_enabled
 from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, cpu_kvcache_gib_setting
 from flotilla.engine.detokenizer import IncrementalDetokenizer
 from flotilla.engine.host_memory import peak_rss_bytes, reset_peak_rss
@@ -122,6 +123,9 @@ class LLMEngine:
         setting = cpu_kvcache_gib_setting(args)
         kv_args = {"gpu_memory_utilization": args.gpu_memory_utilization, "max_num_batched_tokens": max_batched,
                    "override": args.num_gpu_blocks_override,
+                   # all max_num_seqs sequences at full length four times over: the rest could only hold the
+                   # prefix cache's evicted blocks
+                   "max_blocks": 4 * args.max_num_seqs * -(-max_model_len // args.block_size),
                    "cpu_space_bytes": None if setting is None else int(setting * 2**30)}
         swap_gib = args.swap_space if args.preemption_mode == "swap" else None
         if args.tensor_parallel_size > 1:
@@ -165,6 +169,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         if args.warmup and not warm_first:
             self._warm_up(args, max_batched, max_model_len)
+        if graphs_enabled(self.device, args.enforce_eager, args.tensor_parallel_size):
+            self.runner.capture_graphs(args.max_num_seqs, max_model_len)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
         self._structured: StructuredOutputs | None = None  # made with the first request that has a grammar

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from flotilla.engine.attention import AttentionMetadata, forward_context, select_backend
+from flotilla.engine.cuda_graphs import DecodeGraphs
 from flotilla.engine.outputs import LogprobDict
 from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, rss_bytes
 from flotilla.engine.parallel import broadcast_plan, kv_heads_per_rank, tp
@@ -118,6 +119,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.host_cache: torch.Tensor | None = None  # swap space, same layout, in host memory
         self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), see capture_graphs
 
     # ---- KV cache -----------------------------------------------------------------------------------
 
@@ -185,6 +187,12 @@ class ModelRunner:
         self.kv_cache = cache
         for i, attn in enumerate(self.model.attention_layers):
             attn.k_cache, attn.v_cache, attn.backend = cache[i, 0], cache[i, 1], self.backend
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture the decode steps of every batch size up to ``max_num_seqs`` as CUDA graphs (cuda_graphs.py); run
+        once the KV cache is allocated, since the graphs read it where it lies."""
+        self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, -(-max_model_len // self.block_size))
+        self.graphs.capture()
 
     # ---- one step -----------------------------------------------------------------------------------
 
@@ -255,6 +263,12 @@ class ModelRunner:
         logprobs group (an exception in its place when it failed, on one rank only), then of the sampled rows."""
         if plan.swap_out or plan.swap_in:
             self.swap(plan.swap_out, plan.swap_in)
+        n = len(plan.input_ids)
+        if (self.graphs is not None and plan.num_decodes == n and not plan.logit_groups
+                and len(plan.sample_rows) == n):
+            logits = self.graphs.run(plan.input_ids, plan.positions, plan.slots, plan.decode_lens, plan.decode_tables)
+            if logits is not None:
+                return [], logits
         input_ids, positions, meta = self._tensors(plan)
         with forward_context(meta), elementwise.compiled_cpu_kernels(self.backend.name == "cpu"):
             hidden = self.model(input_ids, positions)
@@ -327,10 +341,13 @@ class ModelRunner:
 
 
 def kv_cache_blocks(runner: ModelRunner, gpu_memory_utilization: float, max_num_batched_tokens: int,
-                    override: int | None = None, cpu_space_bytes: int | None = None, used: int | None = None) -> int:
+                    override: int | None = None, cpu_space_bytes: int | None = None, used: int | None = None,
+                    max_blocks: int | None = None) -> int:
     """KV blocks this rank can hold: the override; on GPU what the memory profile leaves; on CPU this rank's share
     of the host budget (VLLM_CPU_KVCACHE_SPACE, else 4 GiB shrunk to the container's memory limit). ``used``: the
-    process's footprint to leave room for on CPU (a measured peak), else its resident memory now."""
+    process's footprint to leave room for on CPU (a measured peak), else its resident memory now. ``max_blocks``: the
+    most a GPU cache is given (a tiny model on an 80 GB GPU would otherwise get millions of blocks, and the block
+    pool's bookkeeping would take minutes to build)."""
     if override is not None:
         return override
     if runner.device.type == "cuda":
@@ -338,6 +355,10 @@ def kv_cache_blocks(runner: ModelRunner, gpu_memory_utilization: float, max_num_
         if blocks < 1:
             raise ValueError("no GPU memory left for the KV cache: raise gpu_memory_utilization or use a "
                              "smaller model / max_num_batched_tokens")
+        if max_blocks is not None and blocks > max_blocks:
+            logger.info("KV cache: %d blocks fit, %d kept (four times every sequence at full length)", blocks,
+                        max_blocks)
+            blocks = max_blocks
         return blocks
     space = cpu_kv_cache_bytes(cpu_space_bytes, limit=memory_limit_bytes(), used=rss_bytes() if used is None else used,
                                utilization=gpu_memory_utilization)
