@@ -184,14 +184,24 @@ def iterate_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_model(source: ModelSource, config: Any, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
     model_cls = ModelRegistry.resolve(architecture(config))
-    with torch.device(device):
-        model = model_cls(config)
+    # Parameters are made in the serving dtype, on the device: an 8B model never exists in fp32 (32 GB) first.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(default)
     if source.load_format == "dummy":
-        # Small uniform values keep activations finite through dozens of layers, as vLLM's dummy loader does.
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        # Small uniform values keep activations finite through dozens of layers, as vLLM's dummy loader does. On a
+        # GPU they are drawn there (an 8B model's worth of CPU random numbers takes minutes).
+        gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():
-                p.copy_(torch.empty(p.shape).uniform_(-1e-3, 1e-3, generator=gen))
+                if device.type == "cpu":
+                    p.copy_(torch.empty(p.shape).uniform_(-1e-3, 1e-3, generator=gen))
+                else:
+                    p.uniform_(-1e-3, 1e-3, generator=gen)
     else:
         model.load_weights(iterate_safetensors(source.folder))
     # The rotary cos/sin tables stay fp32; everything else takes the serving dtype.
