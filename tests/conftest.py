@@ -53,10 +53,13 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2_dir):
+def tokenizer(request):
+    """SmolLM2's tokenizer (the tiny models share it). ``FLOTILLA_TEST_TOKENIZER`` names a folder holding it instead,
+    for a machine without the bundled weights (the GPU machine: the tiny-model tests then run there)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+    folder = os.environ.get("FLOTILLA_TEST_TOKENIZER") or str(request.getfixturevalue("smollm2_dir"))
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:

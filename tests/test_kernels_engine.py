@@ -22,6 +22,7 @@ from flotilla.kernels.elementwise import ELEMENTWISE_ENV  # noqa: E402
 
 def test_backend_selection_defaults_to_compiled_kernels_on_cpu_and_obeys_overrides(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # forcing Triton on CPU tensors needs it (set already without CUDA)
     cpu = torch.device("cpu")
     assert isinstance(select_backend(cpu), CompiledCpuBackend)  # the suite's machines have a C++ compiler
     assert isinstance(select_backend(cpu, "torch"), TorchReferenceBackend)
@@ -48,7 +49,9 @@ def _run(folder, backend: str, monkeypatch, elementwise: str | None = None) -> l
     monkeypatch.setenv(BACKEND_ENV, backend)
     monkeypatch.setenv(ELEMENTWISE_ENV, elementwise or backend)
     # A 16-token budget chunks the 30-token prompt: its second chunk attends to cached context.
-    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=True)
+    # The compiled kernels run on CPU tensors: on a GPU machine too, that engine is put on the CPU.
+    device = "cpu" if backend == "cpu" else "auto"
+    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=True, device=device)
     assert llm.llm_engine.runner.backend.name == backend
     vocab = llm.llm_engine.model_config.vocab_size
     long_prompt = [(7 * i + 3) % vocab for i in range(30)]
