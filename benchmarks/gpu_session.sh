@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 12's checks and benchmarks on a lent GPU machine, in one command (it has torch, triton and transformers,
+# no network): benchmarks/gpu_session.sh PHASE...   with PHASE one of
+#   info        the GPU, driver and versions
+#   tests       the kernel tests (fp16/bf16 on CUDA) and the engine's exactness tests (fp32, token for token)
+#   kernels     benchmarks/kernels.py (decode bandwidth vs copy, prefill vs SDPA)
+#   sweep       benchmarks/kernels.py --sweep (the kernels' launch shapes)
+#   agreement   benchmarks/gpu_agreement.py (bf16 top-1 agreement with transformers)
+#   throughput  benchmarks/offline_throughput.py, Llama-3.1-8B shape (dummy weights), 1,000 ShareGPT-like prompts
+#   eager       the same with --enforce-eager (no CUDA graphs)
+# TOKENIZER (default .gpu/tokenizer): a folder with SmolLM2's tokenizer files (the GPU machine lacks the bundled
+# GGUF). Results go to $OUT (default /tmp/gpu-out).
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+TOKENIZER=${TOKENIZER:-.gpu/tokenizer}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1 \
+  || { cat "$OUT/install.log"; exit 1; }
+ALL_TESTS="tests/test_kernels_attention.py tests/test_kernels_cache.py tests/test_kernels_elementwise.py
+  tests/test_kernels_engine.py tests/test_paged_attention_ref.py tests/test_engine_exactness.py
+  tests/test_prefix_chunk_preempt.py tests/test_cuda_graphs.py"
+THROUGHPUT=(benchmarks/offline_throughput.py --model benchmarks/configs/llama-3.1-8b --load-format dummy
+            --tokenizer "$TOKENIZER" --no-detokenize --workload sharegpt --num-seqs 1000 --dtype bfloat16
+            --hf-subset 64 --hf-batch 64 --skip vllm --step-breakdown)
+for phase in "$@"; do
+  echo "=== $phase $(date +%T)"
+  case $phase in
+    info)
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+      python3 -c "import torch, triton, transformers, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" ;;
+    tests)
+      FLOTILLA_TEST_TOKENIZER=$TOKENIZER timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
+        -n 8 --timeout 150 --tb=short -rfE --durations=8 -m "not smollm2" ${TESTS:-$ALL_TESTS} > "$OUT/tests.log" 2>&1
+      echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+      grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; grep -A10 "slowest" "$OUT/tests.log" ;;
+    sweep)
+      timeout 300 python3 benchmarks/kernels.py --dtype bfloat16 --sweep --json "$OUT/sweep.json" 2>&1 | tail -16 ;;
+    kernels)
+      timeout 200 python3 benchmarks/kernels.py --dtype bfloat16 --json "$OUT/kernels.json" 2>&1 | tail -45 ;;
+    agreement)
+      timeout 150 python3 benchmarks/gpu_agreement.py --tokenizer "$TOKENIZER" --json "$OUT/agreement.json" 2>&1 | tail -8 ;;
+    throughput)
+      timeout "${THROUGHPUT_TIMEOUT:-400}" python3 "${THROUGHPUT[@]}" --json "$OUT/throughput.json" ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
+    eager)
+      timeout "${THROUGHPUT_TIMEOUT:-400}" python3 "${THROUGHPUT[@]}" --enforce-eager --skip vllm hf \
+        --json "$OUT/throughput_eager.json" ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+done
