@@ -21,6 +21,9 @@ TINY_VARIANTS = {
                   tie_word_embeddings=True),
     # Phi-3: q/k/v and gate/up fused in the checkpoint (qkv_proj, gate_up_proj)
     "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    # Gemma: GeGLU (tanh GELU), RMSNorm scale stored as w for (1 + w), embeddings scaled by sqrt(hidden), 4:1 GQA
+    "gemma": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                  tie_word_embeddings=True),
     # Llama 3.1-style RoPE scaling and 4:1 GQA
     "llama3": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -74,7 +77,8 @@ def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
         **spec,
     )
     config.architectures = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                             "mistral": "MistralForCausalLM"}.get(model_type, "LlamaForCausalLM")]
+                             "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM"}.get(model_type,
+                                                                                             "LlamaForCausalLM")]
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # a wider init than the default makes greedy choices decisive (no near-ties)
@@ -85,6 +89,8 @@ def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
                 p.normal_(0.0, 0.05)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # not all ones: a misplaced norm must show
                 p.normal_(1.0, 0.2)
+            elif model_type == "gemma" and name.endswith("norm.weight"):  # (1 + w): a missing 1 must show
+                p.normal_(0.0, 0.2)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import build_tiny, hf_greedy
 from flotilla.engine import LLM, ModelRegistry, SamplingParams
@@ -80,3 +81,16 @@ def test_chat_passes_tools_and_template_kwargs_to_the_template(tiny_llama, token
     out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1), use_tqdm=False,
                    chat_template=template, tools=tools, chat_template_kwargs={"greeting": "hello "})
     assert out[0].prompt_token_ids == tokenizer.encode("[get_weather]hello hi", add_special_tokens=False)
+
+
+def test_each_gated_activation_is_transformers_own():
+    """The MLP's activation per ``hidden_act`` (Gemma's tanh GELU among them), against transformers' ACT2FN: the
+    greedy family tests cannot tell the tanh GELU from the exact one, this can."""
+    from transformers.activations import ACT2FN
+
+    from flotilla.engine.models.llama import _GATED_ACTIVATIONS
+
+    x = 3 * torch.randn(5, 2 * 24, generator=torch.Generator().manual_seed(0))
+    gate, up = x.chunk(2, dim=-1)
+    for name, fn in _GATED_ACTIVATIONS.items():
+        torch.testing.assert_close(fn(x), ACT2FN[name](gate) * up, atol=0, rtol=0, msg=name)

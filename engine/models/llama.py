@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM) written against Flotilla's layers.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Gemma, SmolLM) written against Flotilla's layers.
 
 Tokens arrive flattened, ``[num_tokens]`` with their positions: no batch dimension and no padding. The
 projections are packed (q/k/v -> qkv_proj, gate/up -> gate_up_proj) so each layer runs two big matmuls
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flotilla.engine.layers.attention import PagedAttention
@@ -28,6 +29,11 @@ def _rope_settings(config: Any) -> tuple[float, dict[str, Any] | None]:
         scaling = params if params.get("rope_type", "default") != "default" else None
         return float(params["rope_theta"]), scaling
     return float(getattr(config, "rope_theta", 10000.0)), getattr(config, "rope_scaling", None)
+
+
+def _norm_offset(config: Any) -> float:
+    """Gemma stores each RMSNorm scale as ``w`` and multiplies by ``1 + w``."""
+    return 1.0 if config.model_type == "gemma" else 0.0
 
 
 class LlamaAttention(nn.Module):
@@ -72,6 +78,22 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out)
 
 
+def _gelu_and_mul(approximate: str):
+    def gelu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        """``gelu(gate) * up`` for ``x = [gate | up]`` (Gemma's GeGLU), in transformers' order of operations."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=approximate) * up
+    return gelu_and_mul
+
+
+# hidden_act -> the gated activation applied to gate_up_proj's packed output
+_GATED_ACTIVATIONS = {
+    "silu": silu_and_mul,
+    "gelu_pytorch_tanh": _gelu_and_mul("tanh"),
+    "gelu": _gelu_and_mul("none"),
+}
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -80,11 +102,13 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = PackedColumnParallelLinear(config.hidden_size, column_parts({"gate": inter, "up": inter}),
                                                        bias=bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
+        act = getattr(config, "hidden_act", "silu")
+        if act not in _GATED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {act!r} is not supported ({', '.join(sorted(_GATED_ACTIVATIONS))} are)")
+        self.act_and_mul = _GATED_ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -92,8 +116,9 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config)
         self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        offset = _norm_offset(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
@@ -122,7 +147,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, _norm_offset(config))
+        # Gemma scales the embeddings by sqrt(hidden_size), rounded to the serving dtype as transformers rounds it.
+        self.embed_scale = config.hidden_size**0.5 if config.model_type == "gemma" else None
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = None
@@ -136,6 +163,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` of every token; ``compute_logits`` picks the rows to sample."""
         x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=torch.float32, device=x.device).to(x.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)

@@ -32,6 +32,7 @@ _BUILTIN: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Phi3ForCausalLM": LlamaForCausalLM,  # fused qkv/gate_up checkpoints; LongRoPE (the 128k models) not yet
+    "GemmaForCausalLM": LlamaForCausalLM,  # GeGLU, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden_size)
 }
 
 
