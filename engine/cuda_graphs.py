@@ -108,12 +108,9 @@ class DecodeGraphs:
         width = len(tables[0]) if tables else 0
         if width:  # entries past a row's own blocks are never read (its length bounds the kernel's loop)
             h["tables"].numpy()[:n, :width] = tables
-        for name, src in h.items():
-            rows = size if name in ("slots", "seq_lens") else n
-            if name == "tables":
-                self.dev[name][:n, :width].copy_(src[:n, :width], non_blocking=True)
-            else:
-                self.dev[name][:rows].copy_(src[:rows], non_blocking=True)
+        for name, rows in (("input_ids", n), ("positions", n), ("slots", size), ("seq_lens", size)):
+            self.dev[name][:rows].copy_(h[name][:rows], non_blocking=True)
+        self.dev["tables"][:n, :width].copy_(h["tables"][:n, :width], non_blocking=True)
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:n]

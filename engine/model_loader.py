@@ -193,15 +193,12 @@ def load_model(source: ModelSource, config: Any, dtype: torch.dtype, device: tor
     finally:
         torch.set_default_dtype(default)
     if source.load_format == "dummy":
-        # Small uniform values keep activations finite through dozens of layers, as vLLM's dummy loader does. On a
-        # GPU they are drawn there (an 8B model's worth of CPU random numbers takes minutes).
+        # Small uniform values keep activations finite through dozens of layers, as vLLM's dummy loader does. They are
+        # drawn where the model lies (an 8B model's worth of CPU random numbers takes minutes), in fp32.
         gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():
-                if device.type == "cpu":
-                    p.copy_(torch.empty(p.shape).uniform_(-1e-3, 1e-3, generator=gen))
-                else:
-                    p.uniform_(-1e-3, 1e-3, generator=gen)
+                p.copy_(torch.empty(p.shape, device=device).uniform_(-1e-3, 1e-3, generator=gen))
     else:
         model.load_weights(iterate_safetensors(source.folder))
     # The rotary cos/sin tables stay fp32; everything else takes the serving dtype.

@@ -148,8 +148,12 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, _norm_offset(config))
-        # Gemma scales the embeddings by sqrt(hidden_size), rounded to the serving dtype as transformers rounds it.
-        self.embed_scale = config.hidden_size**0.5 if config.model_type == "gemma" else None
+        # Gemma scales the embeddings by sqrt(hidden_size), rounded to the serving dtype (the default dtype while the
+        # model is built) as transformers rounds it; a buffer, so no forward pass (nor a CUDA graph) makes a tensor.
+        scale = None
+        if config.model_type == "gemma":
+            scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32).to(torch.get_default_dtype())
+        self.register_buffer("embed_scale", scale, persistent=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = None
@@ -164,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states ``[num_tokens, hidden]`` of every token; ``compute_logits`` picks the rows to sample."""
         x = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
-            x = x * torch.tensor(self.embed_scale, dtype=torch.float32, device=x.device).to(x.dtype)
+            x = x * self.embed_scale
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
