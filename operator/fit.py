@@ -33,19 +33,25 @@ Verdict = Literal["Fits", "Tight", "DoesNotFit", "Unknown"]
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The fields of a Llama-family config.json that decide memory use."""
+    """The fields of a Llama-family config.json that decide memory use, mixtures of experts included (Mixtral,
+    Qwen2-MoE, Qwen3-MoE: every expert's weights are held, though only ``top_k`` of them run per token)."""
 
     hidden_size: int
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int  # a dense MLP's
     vocab_size: int
     tie_word_embeddings: bool
-    num_experts: int
+    num_experts: int  # 1: no mixture
     torch_dtype: str
     max_position_embeddings: int | None
+    sparse_layers: int = 0  # layers whose MLP is a mixture of experts
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert
+    qkv_bias: bool = False  # Qwen2's q/k/v biases
+    qk_norm: bool = False  # Qwen3's per-head q/k RMSNorm
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelShape":
@@ -53,31 +59,54 @@ class ModelShape:
         try:
             hidden = int(config["hidden_size"])
             heads = int(config["num_attention_heads"])
+            layers = int(config["num_hidden_layers"])
+            kind = str(config.get("model_type") or "")
+            experts = int(config.get("num_local_experts") or config.get("num_experts") or 1)
             return cls(
                 hidden_size=hidden,
-                num_layers=int(config["num_hidden_layers"]),
+                num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 intermediate_size=int(config["intermediate_size"]),
                 vocab_size=int(config["vocab_size"]),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                num_experts=int(config.get("num_local_experts") or 1),
+                num_experts=experts,
                 torch_dtype=str(config.get("torch_dtype") or "bfloat16"),
                 max_position_embeddings=config.get("max_position_embeddings"),
+                sparse_layers=_sparse_layers(config, layers) if experts > 1 else 0,
+                expert_intermediate_size=int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+                shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
+                qkv_bias=bool(config.get("qkv_bias", kind in ("qwen2", "qwen2_moe"))),
+                qk_norm=kind in ("qwen3", "qwen3_moe"),
             )
         except KeyError as e:
             raise ValueError(f"config.json has no {e.args[0]}") from None
 
     @property
     def parameters(self) -> int:
-        """Parameter count of a Llama-family decoder (attention, gated MLP, RMSNorms, embeddings)."""
-        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlp = 3 * self.hidden_size * self.intermediate_size * self.num_experts
-        router = self.hidden_size * self.num_experts if self.num_experts > 1 else 0
-        per_layer = attn + mlp + router + 2 * self.hidden_size
-        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embeddings + self.hidden_size
+        """Parameter count of a Llama-family decoder (attention, gated MLPs dense or mixed, RMSNorms, embeddings)."""
+        h = self.hidden_size
+        q_kv_rows = self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
+        attn = h * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        attn += q_kv_rows * self.qkv_bias + 2 * self.head_dim * self.qk_norm
+        dense = 3 * h * self.intermediate_size
+        sparse = 3 * h * self.expert_intermediate_size * self.num_experts + h * self.num_experts  # experts, router
+        if self.shared_expert_intermediate_size:
+            sparse += 3 * h * self.shared_expert_intermediate_size + h  # the shared expert and its gate
+        mlps = self.sparse_layers * sparse + (self.num_layers - self.sparse_layers) * dense
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + 2 * h) + mlps + embeddings + h
+
+
+def _sparse_layers(config: Mapping[str, Any], layers: int) -> int:
+    """How many layers are mixtures of experts: all of Mixtral's; Qwen's every ``decoder_sparse_step``-th layer
+    that ``mlp_only_layers`` does not keep dense."""
+    if config.get("model_type") == "mixtral" or "num_local_experts" in config:
+        return layers
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or [])
+    return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
 
 
 def parameters_from_name(uri: str) -> int | None:

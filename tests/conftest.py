@@ -24,6 +24,17 @@ TINY_VARIANTS = {
     # Gemma: GeGLU (tanh GELU), RMSNorm scale stored as w for (1 + w), embeddings scaled by sqrt(hidden), 4:1 GQA
     "gemma": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                   tie_word_embeddings=True),
+    # Mixtral: every MLP a mixture of 4 experts, top-2, weights renormalised
+    "mixtral": dict(model_type="mixtral", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                    num_local_experts=4, num_experts_per_tok=2),
+    # Qwen3-MoE: q/k norms, 8 experts top-2 renormalised (norm_topk_prob) in layer 0, a dense MLP in layer 1
+    "qwen3_moe": dict(model_type="qwen3_moe", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      tie_word_embeddings=True, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1]),
+    # Qwen2-MoE: q/k/v bias, 4 experts top-2 not renormalised plus a sigmoid-gated shared expert, on every 2nd layer
+    "qwen2_moe": dict(model_type="qwen2_moe", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=False,
+                      shared_expert_intermediate_size=96, decoder_sparse_step=2),
     # Llama 3.1-style RoPE scaling and 4:1 GQA
     "llama3": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -77,8 +88,9 @@ def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
         **spec,
     )
     config.architectures = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                             "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM"}.get(model_type,
-                                                                                             "LlamaForCausalLM")]
+                             "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM",
+                             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                             "qwen3_moe": "Qwen3MoeForCausalLM"}.get(model_type, "LlamaForCausalLM")]
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # a wider init than the default makes greedy choices decisive (no near-ties)

@@ -53,7 +53,9 @@ def test_a_loaded_model_packs_projections_and_keeps_embedding_rows_for_lookups(t
     config = load_config(source)
     model = load_model(source, config, torch.float32, torch.device("cpu"))
     layer = model.layers[0]
-    for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+    mlp = layer.mlp  # dense, or a mixture of experts whose router is a projection (the experts stay stacked)
+    projections = [mlp.gate_up_proj, mlp.down_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate]
+    for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, *projections):
         assert proj.packed is not None and proj.weight.numel() == 0  # the weights are held once
     embed = model.embed_tokens
     assert embed.packed is not None and embed.weight.shape == (config.vocab_size, config.hidden_size)

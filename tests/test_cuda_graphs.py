@@ -1,5 +1,6 @@
 """CUDA graphs for decode steps (engine/cuda_graphs.py): which batch sizes are captured and which graph a batch runs
-in (anywhere), and on a GPU, that decoding through the graphs gives the eager engine's tokens exactly."""
+in (anywhere), and on a GPU, that decoding through the graphs gives the eager engine's tokens exactly, for every tiny
+family (the mixtures of experts run the fused MoE kernel inside the graphs)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_graphs_only_on_cuda_and_only_when_not_enforce_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_decoding_through_graphs_gives_the_eager_engines_tokens(tiny_llama):
+def test_decoding_through_graphs_gives_the_eager_engines_tokens(tiny_model):
     from flotilla.engine import LLM, SamplingParams
 
     # 12 sequences at most: as requests finish the batch shrinks through sizes that are padded (11 -> 12, 7 -> 8, 3 -> 4)
@@ -39,7 +40,7 @@ def test_decoding_through_graphs_gives_the_eager_engines_tokens(tiny_llama):
     params = [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(20)]
     results = {}
     for eager in (True, False):
-        llm = LLM(str(tiny_llama), dtype="float32", max_num_seqs=12, enforce_eager=eager)
+        llm = LLM(str(tiny_model), dtype="float32", max_num_seqs=12, enforce_eager=eager)
         graphs = llm.llm_engine.runner.graphs
         assert (graphs is None) == eager
         replays = []

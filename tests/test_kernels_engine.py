@@ -18,6 +18,8 @@ from flotilla.engine.attention import (  # noqa: E402
     select_backend,
 )
 from flotilla.kernels.elementwise import ELEMENTWISE_ENV  # noqa: E402
+from flotilla.kernels.moe import MOE_ENV  # noqa: E402
+from conftest import build_tiny  # noqa: E402
 
 
 def test_backend_selection_defaults_to_compiled_kernels_on_cpu_and_obeys_overrides(monkeypatch):
@@ -73,3 +75,13 @@ def test_engine_with_triton_kernels_generates_the_reference_greedy_tokens(tiny_l
 def test_engine_with_compiled_cpu_kernels_generates_the_reference_greedy_tokens(tiny_llama, monkeypatch):
     reference = _run(tiny_llama, "torch", monkeypatch)
     assert _run(tiny_llama, "cpu", monkeypatch, elementwise="torch") == reference
+
+
+def test_engine_with_the_fused_moe_kernel_generates_the_reference_greedy_tokens(tmp_path, tokenizer, monkeypatch):
+    """A Mixtral whose every MLP is a mixture of experts: the grouped-GEMM kernel, fed by the step's batches of
+    prefill chunks and decode rows, picks the tokens the per-expert torch reference picks."""
+    folder = build_tiny("mixtral", tmp_path / "mixtral", tokenizer)
+    monkeypatch.setenv(MOE_ENV, "torch")
+    reference = _run(folder, "torch", monkeypatch)
+    monkeypatch.setenv(MOE_ENV, "triton")
+    assert _run(folder, "triton", monkeypatch) == reference

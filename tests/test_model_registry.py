@@ -88,9 +88,29 @@ def test_each_gated_activation_is_transformers_own():
     greedy family tests cannot tell the tanh GELU from the exact one, this can."""
     from transformers.activations import ACT2FN
 
-    from flotilla.engine.models.llama import _GATED_ACTIVATIONS
+    from flotilla.engine.layers.activation import GATED_ACTIVATIONS
 
     x = 3 * torch.randn(5, 2 * 24, generator=torch.Generator().manual_seed(0))
     gate, up = x.chunk(2, dim=-1)
-    for name, fn in _GATED_ACTIVATIONS.items():
+    for name, fn in GATED_ACTIVATIONS.items():
         torch.testing.assert_close(fn(x), ACT2FN[name](gate) * up, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra expert"])
+def test_a_mixture_of_experts_checkpoint_that_does_not_match_fails_loudly(tmp_path, tokenizer, damage):
+    """Experts load one checkpoint tensor per expert and projection into stacked weights: one expert's up projection
+    gone, or an expert the config does not have, is named at load rather than served as zeros or ignored."""
+    from safetensors.torch import load_file, save_file
+
+    folder = build_tiny("mixtral", tmp_path / "mixtral", tokenizer)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    if damage == "missing":
+        del tensors[name]
+        expected = r"checkpoint lacks tensors for: \['layers.1.mlp.experts.w13'\]"
+    else:
+        tensors[name.replace(".2.", ".4.")] = tensors[name].clone()
+        expected = r"experts.4.w3.weight: no expert weight '4.up' \(4 experts\)"
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=expected):
+        LLM(str(folder), dtype="float32")

@@ -21,9 +21,31 @@ def service(uri="meta-llama/Llama-3.1-8B-Instruct", **spec) -> object:
 
 # Published parameter counts (Hugging Face model cards / safetensors metadata).
 @pytest.mark.parametrize("name,published", [("llama-3.1-8b", 8_030_261_248), ("llama-3.1-70b", 70_553_706_496),
-                                            ("smollm2-135m", 134_515_008)])
+                                            ("smollm2-135m", 134_515_008), ("qwen2.5-7b", 7_615_616_512),
+                                            ("mixtral-8x7b", 46_702_792_704), ("qwen3-30b-a3b", 30_532_122_624),
+                                            ("qwen1.5-moe-a2.7b", 14_315_784_192)])
 def test_parameter_count_matches_the_published_count(name, published):
     assert ModelShape.from_config(model_config(name)).parameters == published
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("qwen3-30b-a3b", {"mlp_only_layers": [0, 5, 47], "decoder_sparse_step": 2}),  # dense layers among sparse ones
+    ("qwen1.5-moe-a2.7b", {"decoder_sparse_step": 3, "qkv_bias": False}),
+    ("mixtral-8x7b", {"num_local_experts": 4, "tie_word_embeddings": True}),
+    ("qwen2.5-7b", {}),
+])
+def test_parameter_count_is_what_transformers_builds_from_the_config(name, overrides):
+    """Against transformers' own model built from the config (on the meta device: shapes, no memory), including
+    layouts no published model has."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = {**model_config(name), **overrides}
+    config = AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = sum(p.numel() for p in model.parameters())
+    assert ModelShape.from_config(raw).parameters == expected
 
 
 def test_kv_bytes_per_token_for_llama_8b_is_128_kib_in_bf16_and_half_in_fp8():

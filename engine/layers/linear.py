@@ -70,8 +70,12 @@ def load_whole(param: torch.Tensor, loaded: torch.Tensor, shard: str | None = No
     param.data.copy_(loaded)
 
 
-def _with_loader(param: nn.Parameter, loader) -> nn.Parameter:
+def with_loader(param: nn.Parameter, loader, shards: set[str] | None = None) -> nn.Parameter:
+    """Attach the parameter's ``weight_loader``; ``shards``: the parts a checkpoint must supply (packed q/k/v, each
+    expert's gate/up), each loaded by its own call, which ``load_weights`` checks are all there."""
     param.weight_loader = loader  # type: ignore[attr-defined]
+    if shards is not None:
+        param.shards = frozenset(shards)  # type: ignore[attr-defined]
     return param
 
 
@@ -87,8 +91,8 @@ class PackedColumnParallelLinear(_Packable):
         for name, (_, rows) in self.parts.items():
             self.offsets[name] = total
             total += rows
-        self.weight = _with_loader(nn.Parameter(torch.empty(total, input_size)), self._load)
-        self.bias = _with_loader(nn.Parameter(torch.empty(total)), self._load) if bias else None
+        self.weight = with_loader(nn.Parameter(torch.empty(total, input_size)), self._load, set(self.parts))
+        self.bias = with_loader(nn.Parameter(torch.empty(total)), self._load, set(self.parts)) if bias else None
 
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str | None) -> None:
         if shard not in self.parts:
@@ -115,6 +119,17 @@ def column_parts(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
     return out
 
 
+class ReplicatedLinear(_Packable):
+    """The whole weight on every rank (a MoE router: every rank must route every token the same way)."""
+
+    def __init__(self, input_size: int, output_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _matmul(x, self.weight, self.packed)
+
+
 class RowParallelLinear(_Packable):
     def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
         super().__init__()
@@ -122,9 +137,9 @@ class RowParallelLinear(_Packable):
         if input_size % t.size:
             raise ValueError(f"input size {input_size} is not divisible by --tensor-parallel-size {t.size}")
         self.local_in = input_size // t.size
-        self.weight = _with_loader(nn.Parameter(torch.empty(output_size, self.local_in)), self._load)
+        self.weight = with_loader(nn.Parameter(torch.empty(output_size, self.local_in)), self._load)
         # The bias is added once, after the sum over ranks.
-        self.bias = _with_loader(nn.Parameter(torch.empty(output_size)), load_whole) if bias else None
+        self.bias = with_loader(nn.Parameter(torch.empty(output_size)), load_whole) if bias else None
 
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str | None = None) -> None:
         start = tp().rank * self.local_in
@@ -145,7 +160,7 @@ class VocabParallelEmbedding(_Packable):
         self.per_rank = -(-vocab_size // t.size)
         self.start = t.rank * self.per_rank
         self.valid = max(0, min(self.per_rank, vocab_size - self.start))
-        self.weight = _with_loader(nn.Parameter(torch.zeros(self.per_rank, hidden_size)), self._load)
+        self.weight = with_loader(nn.Parameter(torch.zeros(self.per_rank, hidden_size)), self._load)
 
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str | None = None) -> None:
         if loaded.shape[0] != self.vocab_size:

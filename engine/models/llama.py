@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Gemma, SmolLM) written against Flotilla's layers.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Gemma, SmolLM) and its mixture-of-experts
+relatives (Mixtral, Qwen2-MoE, Qwen3-MoE: the MLP of some or all layers is sparse), written against Flotilla's layers.
 
 Tokens arrive flattened, ``[num_tokens]`` with their positions: no batch dimension and no padding. The
 projections are packed (q/k/v -> qkv_proj, gate/up -> gate_up_proj) so each layer runs two big matmuls
@@ -7,19 +8,20 @@ instead of five; ``load_weights`` maps checkpoint names onto the packed paramete
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from flotilla.engine.layers.activation import gated_activation
 from flotilla.engine.layers.attention import PagedAttention
 from flotilla.engine.layers.linear import (
     PackedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parts, load_whole)
+from flotilla.engine.layers.moe import MoeSpec, SparseMoeBlock
 from flotilla.engine.layers.norm import RMSNorm
 from flotilla.engine.layers.rotary import RotaryEmbedding
 from flotilla.engine.parallel import first_kv_head, kv_heads_per_rank, split_evenly
-from flotilla.kernels.elementwise import silu_and_mul
 
 
 def _rope_settings(config: Any) -> tuple[float, dict[str, Any] | None]:
@@ -36,6 +38,25 @@ def _norm_offset(config: Any) -> float:
     return 1.0 if config.model_type == "gemma" else 0.0
 
 
+def _moe_spec(config: Any, layer: int) -> MoeSpec | None:
+    """The sparse MLP of ``layer``, or None where the layer's MLP is dense. Mixtral: every layer, top-k weights
+    always renormalised and kept in fp32. Qwen2/3-MoE: the layers past ``mlp_only_layers`` on every
+    ``decoder_sparse_step``-th layer, renormalised only with ``norm_topk_prob``, weights in the activations' dtype;
+    Qwen2-MoE adds a shared expert."""
+    if config.model_type == "mixtral":
+        return MoeSpec(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size,
+                       renormalize=True, round_weights=False)
+    if config.model_type in ("qwen2_moe", "qwen3_moe"):
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        if (config.num_experts <= 0 or layer in (getattr(config, "mlp_only_layers", None) or [])
+                or (layer + 1) % step):
+            return None
+        return MoeSpec(config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                       renormalize=bool(getattr(config, "norm_topk_prob", False)), round_weights=True,
+                       shared_intermediate_size=getattr(config, "shared_expert_intermediate_size", 0) or 0)
+    return None
+
+
 class LlamaAttention(nn.Module):
     """Heads split across tensor-parallel ranks: each rank projects, rotates and attends its own query heads
     against its KV heads; o_proj's all-reduce sums the ranks' outputs."""
@@ -49,7 +70,9 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = kv_heads_per_rank(total_kv)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_size, self.kv_size = q_size, kv_size
-        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        qkv_bias = getattr(config, "qkv_bias", None)  # Qwen2-MoE names it; Qwen2 has q/k/v biases implicitly
+        if qkv_bias is None:
+            qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
         q_rows = column_parts({"q": total_heads * self.head_dim})["q"]
         kv_start = first_kv_head(total_kv) * self.head_dim
@@ -61,7 +84,7 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
         # Qwen3 normalises each head's query and key (one RMSNorm over head_dim, shared by the heads) before RoPE.
         self.q_norm = self.k_norm = None
-        if config.model_type == "qwen3":
+        if config.model_type in ("qwen3", "qwen3_moe"):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -78,44 +101,30 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out)
 
 
-def _gelu_and_mul(approximate: str):
-    def gelu_and_mul(x: torch.Tensor) -> torch.Tensor:
-        """``gelu(gate) * up`` for ``x = [gate | up]`` (Gemma's GeGLU), in transformers' order of operations."""
-        gate, up = x.chunk(2, dim=-1)
-        return F.gelu(gate, approximate=approximate) * up
-    return gelu_and_mul
-
-
-# hidden_act -> the gated activation applied to gate_up_proj's packed output
-_GATED_ACTIVATIONS = {
-    "silu": silu_and_mul,
-    "gelu_pytorch_tanh": _gelu_and_mul("tanh"),
-    "gelu": _gelu_and_mul("none"),
-}
-
-
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, intermediate_size: int | None = None) -> None:
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_up_proj = PackedColumnParallelLinear(config.hidden_size, column_parts({"gate": inter, "up": inter}),
                                                        bias=bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
-        act = getattr(config, "hidden_act", "silu")
-        if act not in _GATED_ACTIVATIONS:
-            raise ValueError(f"hidden_act {act!r} is not supported ({', '.join(sorted(_GATED_ACTIVATIONS))} are)")
-        self.act_and_mul = _GATED_ACTIVATIONS[act]
+        self.act_and_mul = gated_activation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, index: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        moe = _moe_spec(config, index)
+        if moe is None:
+            self.mlp: nn.Module = LlamaMLP(config)
+        else:
+            shared = LlamaMLP(config, moe.shared_intermediate_size) if moe.shared_intermediate_size else None
+            self.mlp = SparseMoeBlock(config.hidden_size, moe, gated_activation(config), shared)
         offset = _norm_offset(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
@@ -132,6 +141,11 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+# A checkpoint's per-expert tensor (Mixtral's w1/w3/w2 under block_sparse_moe, Qwen's gate/up/down_proj under mlp)
+_EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
 class LlamaForCausalLM(nn.Module):
     # checkpoint name fragment -> (packed parameter fragment, shard id)
     packed_modules = {
@@ -146,7 +160,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, _norm_offset(config))
         # Gemma scales the embeddings by sqrt(hidden_size), rounded to the serving dtype (the default dtype while the
         # model is built) as transformers rounds it; a buffer, so no forward pass (nor a CUDA graph) makes a tensor.
@@ -210,11 +224,18 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.lm_head is None:
                 continue
+            name = name.replace(".block_sparse_moe.", ".mlp.")
             target, shard = name, None
-            for fragment, (packed, shard_id) in self.packed_modules.items():
-                if f".{fragment}." in name:
-                    target, shard = name.replace(fragment, packed), shard_id
-                    break
+            expert = _EXPERT_WEIGHT.search(name)
+            if expert is not None:
+                part = _EXPERT_PART[expert.group(2)]
+                target = name[:expert.start()] + (".experts.w2" if part == "down" else ".experts.w13")
+                shard = f"{expert.group(1)}.{part}"
+            else:
+                for fragment, (packed, shard_id) in self.packed_modules.items():
+                    if f".{fragment}." in name:
+                        target, shard = name.replace(fragment, packed), shard_id
+                        break
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
             param = params[target]
@@ -224,12 +245,9 @@ class LlamaForCausalLM(nn.Module):
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
             loaded.add(f"{target}:{shard}" if shard else target)
-        packed_names = {n for n in params if ".qkv_proj." in n or ".gate_up_proj." in n}
-        plain_missing = {n for n in params.keys() - packed_names if n not in loaded}
-        packed_missing = {
-            n for n in packed_names
-            if not all(f"{n}:{s}" in loaded for s in (("q", "k", "v") if ".qkv_proj." in n else ("gate", "up")))
-        }
-        if plain_missing or packed_missing:
-            raise ValueError(f"checkpoint lacks tensors for: {sorted(plain_missing | packed_missing)[:8]}")
+        missing = {n for n, p in params.items()  # a packed parameter needs every one of its parts
+                   if not all(f"{n}:{s}" in loaded for s in getattr(p, "shards", ()))
+                   or (not hasattr(p, "shards") and n not in loaded)}
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors for: {sorted(missing)[:8]}")
         return loaded

@@ -33,6 +33,10 @@ _BUILTIN: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Phi3ForCausalLM": LlamaForCausalLM,  # fused qkv/gate_up checkpoints; LongRoPE (the 128k models) not yet
     "GemmaForCausalLM": LlamaForCausalLM,  # GeGLU, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden_size)
+    # Mixture of experts: top-k routing and a fused grouped GEMM over the experts (kernels/moe.py)
+    "MixtralForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": LlamaForCausalLM,  # plus a gated shared expert
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
 }
 
 
