@@ -5,19 +5,24 @@ from flotilla.engine.config import EngineArgs
 from flotilla.engine.llm import LLM
 from flotilla.engine.llm_engine import LLMEngine
 from flotilla.engine.models.registry import ModelRegistry
-from flotilla.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from flotilla.engine.outputs import (
+    CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestMetrics, RequestOutput)
+from flotilla.engine.pooling import PoolingParams
 from flotilla.engine.sampling_params import SamplingParams
 from flotilla.engine.structured_output import GuidedDecodingParams, StructuredOutputsParams
 
 __all__ = [
     "AsyncLLMEngine",
     "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
     "EngineArgs",
     "GuidedDecodingParams",
     "LLM",
     "LLMEngine",
     "ModelRegistry",
     "Logprob",
+    "PoolingParams",
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",

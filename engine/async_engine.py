@@ -21,6 +21,7 @@ from flotilla.engine.config import EngineArgs
 from flotilla.engine.errors import EngineDeadError, QueueFullError, RequestFailedError
 from flotilla.engine.llm_engine import LLMEngine, PromptType
 from flotilla.engine.outputs import RequestOutput
+from flotilla.engine.pooling import PoolingParams
 from flotilla.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,17 @@ class AsyncLLMEngine:
         """Sequences waiting to be scheduled, including those not yet handed to the scheduler."""
         return len(self.engine.scheduler.waiting) + self._queued_sequences
 
-    async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str,
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | PoolingParams, request_id: str,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative ``RequestOutput``s until the request finishes. Raises ``ValueError`` for bad
-        input and ``QueueFullError`` when the queue is full, before anything is queued."""
+        """Yield cumulative ``RequestOutput``s until the request finishes (an embedding request, given
+        ``PoolingParams``, yields one, with its ``embedding``). Raises ``ValueError`` for bad input and
+        ``QueueFullError`` when the queue is full, before anything is queued."""
         self._raise_if_dead()
-        parent = self.engine.make_requests(request_id, prompt, sampling_params, cache_salt=cache_salt)
+        if isinstance(sampling_params, PoolingParams):
+            parent = self.engine.make_requests(request_id, prompt, None, cache_salt=cache_salt,
+                                               pooling_params=sampling_params)
+        else:
+            parent = self.engine.make_requests(request_id, prompt, sampling_params, cache_salt=cache_salt)
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._raise_if_dead()  # under the lock: a loop dying now will deliver to this stream

@@ -73,6 +73,12 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="run the shapes the server will meet before /health turns 200 (--no-warmup: skip)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly (GPU)")
+    p.add_argument("--runner", choices=["auto", "generate", "pooling"], default="auto",
+                   help="pooling: serve embeddings (/v1/embeddings); auto: pooling for a bare ...Model architecture")
+    p.add_argument("--task", choices=["auto", "generate", "embed", "embedding"], default="auto",
+                   help="vLLM's older spelling: embed means --runner pooling")
+    p.add_argument("--pooler-config", "--override-pooler-config", dest="pooler_config", default=None,
+                   help='JSON, e.g. \'{"pooling_type": "MEAN", "normalize": false}\' (LAST, MEAN or CLS)')
     p.add_argument("--disable-log-requests", action="store_true")
     p.add_argument("--max-queue-len", type=int, default=None,
                    help="answer 503 while this many requests wait to be scheduled")
@@ -155,7 +161,8 @@ def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
         enable_chunked_prefill=ns.enable_chunked_prefill, load_format=ns.load_format, seed=ns.seed,
         device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=ns.enforce_eager,
         revision=ns.revision, download_dir=ns.download_dir, hf_token=ns.hf_token,
-        tensor_parallel_size=ns.tensor_parallel_size, warmup=ns.warmup,
+        tensor_parallel_size=ns.tensor_parallel_size, warmup=ns.warmup, runner=ns.runner, task=ns.task,
+        pooler_config=ns.pooler_config,
     )
 
 

@@ -60,6 +60,11 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # ranks the model is split over (one process each; GPUs: one per rank)
     # Run synthetic steps of the served shapes before reporting ready (model_runner.warm_up_plans).
     warmup: bool = True
+    # What the model serves: "generate" (tokens), "pooling" (embeddings), "auto" (pooling for a bare "...Model"
+    # architecture); vLLM's older task="embed" means pooling. pooler_config: {"pooling_type", "normalize"}.
+    runner: str = "auto"
+    task: str = "auto"
+    pooler_config: dict[str, Any] | str | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:

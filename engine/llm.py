@@ -9,8 +9,23 @@ from tqdm.auto import tqdm
 
 from flotilla.engine.config import EngineArgs
 from flotilla.engine.llm_engine import LLMEngine, PromptType
-from flotilla.engine.outputs import RequestOutput
+from flotilla.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from flotilla.engine.pooling import PoolingParams
 from flotilla.engine.sampling_params import SamplingParams
+
+
+def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
+
+
+def _per_prompt(params: Any, count: int, default: Any, name: str) -> list[Any]:
+    if isinstance(params, Sequence):
+        if len(params) != count:
+            raise ValueError(f"{name}: a list must have one entry per prompt")
+        return list(params)
+    return [params or default] * count
 
 
 class LLM:
@@ -31,25 +46,37 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of ``prompts``."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
-        if isinstance(sampling_params, Sequence):
-            if len(sampling_params) != len(prompts):
-                raise ValueError("sampling_params: a list must have one entry per prompt")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
+        prompts = _prompt_list(prompts)
+        params = _per_prompt(sampling_params, len(prompts), SamplingParams(), "sampling_params")
+        return self._run(self._enqueue(prompts, params, {}), use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (the pooling runner: ``LLM(model, runner="pooling")``), in order."""
+        prompts = _prompt_list(prompts)
+        params = _per_prompt(pooling_params, len(prompts), PoolingParams(), "pooling_params")
+        outputs = self._run(self._enqueue(prompts, [None] * len(prompts), {"pooling_params": params}), use_tqdm)
+        for out in outputs:
+            if out.embedding is None:
+                raise RuntimeError(f"request {out.request_id}: {out.error or 'no embedding'}")
+        return [EmbeddingRequestOutput(o.request_id, EmbeddingOutput(o.embedding), o.prompt_token_ids)
+                for o in outputs]
+
+    def _enqueue(self, prompts: list[PromptType], params: list[Any], per_prompt: dict[str, list[Any]]) -> list[str]:
+        """Validate every request before queueing any, so a bad prompt leaves the engine untouched."""
         engine = self.llm_engine
-        # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
         parents = []
-        for prompt, p in zip(prompts, params):
-            parents.append(engine.make_requests(str(self._counter), prompt, p))
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            extra = {name: values[i] for name, values in per_prompt.items()}
+            parents.append(engine.make_requests(str(self._counter), prompt, p, **extra))
             self._counter += 1
         for parent in parents:
             engine.enqueue(parent)
-        ids = [p.request_id for p in parents]
-        return self._run(ids, use_tqdm)
+        return [p.request_id for p in parents]
 
     def chat(
         self,

@@ -21,6 +21,7 @@ from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, cpu
 from flotilla.engine.detokenizer import IncrementalDetokenizer
 from flotilla.engine.host_memory import peak_rss_bytes, reset_peak_rss
 from flotilla.engine.model_loader import (
+    architecture,
     config_dtype,
     context_limit,
     generation_eos_ids,
@@ -39,6 +40,7 @@ from flotilla.engine.model_runner import (
 from flotilla.engine.parallel import broadcast_plan, destroy_tensor_parallel, init_tensor_parallel, min_over_ranks
 from flotilla.engine.tp_worker import Workers, WorkerSpec, cpu_threads
 from flotilla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from flotilla.engine.pooling import PoolingParams, PoolingState, check_dimensions, pooler_config, resolve_runner
 from flotilla.engine.request import Request, RequestStatus
 from flotilla.engine.sampling_params import SamplingParams
 from flotilla.engine.scheduler import Scheduler
@@ -106,6 +108,17 @@ class LLMEngine:
         token = args.hf_token  # None: the hub client reads HF_TOKEN itself
         self.source = resolve_model(args.model, args.load_format, args.revision, args.download_dir, token)
         self.model_config = load_config(self.source)
+        self.runner_type = resolve_runner(args.runner, args.task, architecture(self.model_config))
+        # The pooling runner's pooling, from the model's sentence-transformers files and --pooler-config.
+        self.pooler = pooler_config(self.source.folder, args.pooler_config) if self.runner_type == "pooling" else None
+        if self.pooler is None and args.pooler_config is not None:
+            raise ValueError("pooler_config: applies to the pooling runner only (--runner pooling)")
+        prefix_caching = args.enable_prefix_caching
+        if self.pooler is not None and self.pooler.pooling_type != "LAST" and prefix_caching:
+            # a cached prefix is never computed again, and MEAN/CLS pooling need every prompt token's hidden state
+            logger.info("prefix caching off: %s pooling reads the hidden state of every prompt token",
+                        self.pooler.pooling_type)
+            prefix_caching = False
         self.dtype = args.resolve_dtype(config_dtype(self.model_config), self.device)
         self.tokenizer = load_tokenizer(self.source, args.tokenizer, args.download_dir, token)
         self.eos_token_ids = generation_eos_ids(self.source, self.tokenizer, self.model_config)
@@ -137,7 +150,8 @@ class LLMEngine:
             self.workers.join(lambda rendezvous: init_tensor_parallel(0, args.tensor_parallel_size, rendezvous))
         torch.manual_seed(args.seed)
         model = load_model(self.source, self.model_config, self.dtype, self.device, args.seed)
-        self.runner = ModelRunner(model, self.model_config, self.device, self.dtype, args.block_size, args.seed)
+        self.runner = ModelRunner(model, self.model_config, self.device, self.dtype, args.block_size, args.seed,
+                                  self.pooler)
         # On one CPU rank the warm-up runs first, on a one-block cache, so that the KV cache is sized beside the
         # measured peak of the largest steps: under a container memory limit that peak must fit too.
         warm_first = args.warmup and self.device.type == "cpu" and args.tensor_parallel_size == 1
@@ -155,10 +169,10 @@ class LLMEngine:
                                  "tokens): lower max_model_len or give the cache more memory")
             max_model_len = capacity
         self.runner.allocate_kv_cache(num_blocks)
-        self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+        self.cache_config = CacheConfig(args.block_size, num_blocks, prefix_caching)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, max_batched, max_model_len,
                                                 args.enable_chunked_prefill, args.preemption_mode)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, args.block_size, prefix_caching)
         swap_pool = None
         if swap_gib is not None:
             num_host_blocks = host_cache_blocks(self.model_config, args.block_size, self.dtype, swap_gib)
@@ -169,7 +183,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         if args.warmup and not warm_first:
             self._warm_up(args, max_batched, max_model_len)
-        if graphs_enabled(self.device, args.enforce_eager, args.tensor_parallel_size):
+        if self.pooler is None and graphs_enabled(self.device, args.enforce_eager, args.tensor_parallel_size):
             self.runner.capture_graphs(args.max_num_seqs, max_model_len)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
@@ -182,14 +196,16 @@ class LLMEngine:
         self.request_errors_total = 0
         self.model_load_seconds = time.perf_counter() - t0
         logger.info(
-            "engine ready: model %s, %s on %s, attention %s, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d, "
-            "load %.1fs", self.source.name, self.dtype, self.device, self.runner.backend.name, num_blocks,
+            "engine ready: model %s (%s runner), %s on %s, attention %s, %d KV blocks x %d tokens (%.2f GiB), "
+            "max_model_len %d, load %.1fs", self.source.name, self.runner_type, self.dtype, self.device,
+            self.runner.backend.name, num_blocks,
             args.block_size, num_blocks * kv_bytes_per_block(self.model_config, args.block_size, self.dtype) / 2**30,
             max_model_len, self.model_load_seconds)
 
     def _warm_up(self, args: EngineArgs, max_batched: int, max_model_len: int) -> None:
         t = time.perf_counter()
-        plans = warm_up_plans(args.max_num_seqs, max_batched, max_model_len, args.block_size)
+        plans = warm_up_plans(args.max_num_seqs, max_batched, max_model_len, args.block_size,
+                              pooling=self.pooler is not None)
         self.runner.warm_up(plans)
         logger.info("warm-up: %d steps of the served shapes in %.1fs", len(plans), time.perf_counter() - t)
 
@@ -222,8 +238,19 @@ class LLMEngine:
         return self.tokenizer
 
     def make_requests(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-                      arrival_time: float | None = None, cache_salt: str | None = None) -> _Parent:
-        """Validate and tokenize without touching engine state (safe to call from another thread)."""
+                      arrival_time: float | None = None, cache_salt: str | None = None,
+                      pooling_params: PoolingParams | None = None) -> _Parent:
+        """Validate and tokenize without touching engine state (safe to call from another thread). An embedding
+        request gives ``pooling_params`` (and no ``params``): the pooling runner's engine takes only those."""
+        pooling = pooling_params is not None
+        if pooling != (self.pooler is not None):
+            raise ValueError("embeddings need the pooling runner: start the model with --runner pooling (vLLM's "
+                             "--task embed)" if pooling else
+                             "this model runs the pooling runner: it serves embeddings (LLM.embed, /v1/embeddings), "
+                             "not generation")
+        if pooling:
+            check_dimensions(pooling_params.dimensions, self.model_config)
+            params = SamplingParams(max_tokens=1, detokenize=False)  # the prompt is computed once, then pooled
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -236,7 +263,7 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
+        if len(token_ids) > self.max_model_len or (len(token_ids) == self.max_model_len and not pooling):
             raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len "
                              f"({self.max_model_len})")
         params = params.bind(self.eos_token_ids, self._bad_words_token_ids(params.bad_words))
@@ -252,7 +279,8 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             children.append(Request(child_id, token_ids, params, metrics, self.max_model_len, cache_salt,
                                     parent_id=request_id, index=i, generator=generator,
-                                    grammar=GrammarState(compiled) if compiled is not None else None))
+                                    grammar=GrammarState(compiled) if compiled is not None else None,
+                                    pooling=PoolingState(self.pooler, pooling_params) if pooling else None))
         needed = self.block_manager.blocks_needed(children[0].max_total_tokens)
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"prompt: needs {needed} KV blocks but the cache has {self.block_manager.num_blocks}; "
@@ -312,9 +340,13 @@ class LLMEngine:
             self._children[child.request_id] = (parent, i)
             self.scheduler.add(child)
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     arrival_time: float | None = None, cache_salt: str | None = None) -> None:
-        self.enqueue(self.make_requests(request_id, prompt, params, arrival_time, cache_salt))
+        """vLLM's: ``params`` is a request's SamplingParams, or PoolingParams for an embedding."""
+        if isinstance(params, PoolingParams):
+            self.enqueue(self.make_requests(request_id, prompt, None, arrival_time, cache_salt, pooling_params=params))
+        else:
+            self.enqueue(self.make_requests(request_id, prompt, params, arrival_time, cache_salt))
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (unknown or finished ids are ignored); their blocks are freed at once."""
@@ -374,6 +406,12 @@ class LLMEngine:
                     r.prompt_logprobs = [None]
                 if len(r.prompt_logprobs) == start + 1:  # not already recorded before a preemption
                     r.prompt_logprobs.extend(lps)
+            if r.pooling is not None:
+                r.pooling.add(*result.pooled[r.request_id])
+                if r.num_computed_tokens == r.num_prompt_tokens:
+                    self._pooled(parent, r, now)
+                    changed[parent.request_id] = parent
+                continue
             token = result.sampled.get(r.request_id)
             if token is None:
                 continue
@@ -423,6 +461,18 @@ class LLMEngine:
         elif r.num_tokens >= r.max_total_tokens:
             self._finish(r, RequestStatus.FINISHED_LENGTH)
 
+    def _pooled(self, parent: _Parent, r: Request, now: float) -> None:
+        """The prompt of an embedding request is all computed: pool it, and it is done."""
+        try:
+            r.pooling.finish()  # type: ignore[union-attr]
+        except Exception as e:  # its own fault (nothing in its prompt to pool): stop it, keep the batch
+            logger.exception("request %s: pooling failed", parent.request_id)
+            self._fail(parent, f"{type(e).__name__}: {e}")
+            return
+        r.metrics.first_token_time = r.metrics.last_token_time = now
+        self.prompt_tokens_total += r.num_prompt_tokens
+        self._finish(r, RequestStatus.FINISHED_STOPPED)
+
     def _fail(self, parent: _Parent, reason: str) -> None:
         """Stop every sequence of a request whose own processing raised and free their blocks; the
         request's output carries the reason and finish_reason "error"."""
@@ -466,6 +516,7 @@ class LLMEngine:
             metrics=parent.metrics,
             num_cached_tokens=parent.metrics.num_cached_tokens,
             error=parent.error,
+            embedding=first.pooling.embedding if first.pooling is not None else None,
         )
 
     # ---- introspection ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from flotilla.engine.cuda_graphs import DecodeGraphs
 from flotilla.engine.outputs import LogprobDict
 from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, rss_bytes
 from flotilla.engine.parallel import broadcast_plan, kv_heads_per_rank, tp
+from flotilla.engine.pooling import PoolerConfig, chunk_partial
 from flotilla.engine.sampler import Sampler, top_logprobs
 from flotilla.engine.scheduler import ScheduledRequest, SchedulerOutput
 from flotilla.kernels import elementwise
@@ -45,6 +46,8 @@ class StepPlan:
     logit_groups: list[tuple[int, int]]
     #: hidden-state rows that are sampled (one per request that completes its prompt), in batch order
     sample_rows: list[int]
+    #: the pooling runner's prompt chunks: (first row, end row, whether the chunk starts its prompt), in batch order
+    pool_spans: list[tuple[int, int, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -55,15 +58,18 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[LogprobDict]] = field(default_factory=dict)
     # request id -> why its own processing failed this step (the engine stops it; the batch goes on)
     failed: dict[str, str] = field(default_factory=dict)
+    # request id -> (what its prompt chunk adds to its pooled vector, the chunk's tokens, whether it starts the prompt)
+    pooled: dict[str, tuple[torch.Tensor | None, int, bool]] = field(default_factory=dict)
 
 
 def warm_up_plans(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                  block_size: int) -> list[StepPlan]:
+                  block_size: int, pooling: bool = False) -> list[StepPlan]:
     """Synthetic steps of the shapes a server meets, run before it reports ready so that its first requests
     do not pay for first-use work (allocator growth, GEMM kernel selection, one-time code paths; graph capture
     on a GPU): fresh prefills from 16 tokens up to the step budget, decode batches from 1 up to
     ``max_num_seqs`` over a few hundred tokens of context, and decodes beside a prefill chunk over cached
-    context. Every slot is -1 (nothing is written) and every table reads block 0, so no request's KV is touched."""
+    context. Every slot is -1 (nothing is written) and every table reads block 0, so no request's KV is touched.
+    ``pooling``: the pooling runner's steps, which are prefills only, each pooled rather than sampled."""
     budget = min(max_num_batched_tokens, max_model_len)
     plans: list[StepPlan] = []
 
@@ -78,10 +84,13 @@ def warm_up_plans(max_num_seqs: int, max_num_batched_tokens: int, max_model_len:
             decode_tables=[[0] * blocks] * decodes, decode_lens=[context] * decodes,
             prefill_tables=[[0] * prefill_blocks] if new else [], prefill_lens=[prefill_context + new] if new else [],
             query_start_loc=[0, new] if new else [0], has_context=prefill_context > 0,
-            logit_groups=[], sample_rows=list(range(decodes)) + ([n - 1] if new else []))
+            logit_groups=[], sample_rows=[] if pooling else list(range(decodes)) + ([n - 1] if new else []),
+            pool_spans=[(decodes, n, prefill_context == 0)] if pooling else [])
 
     for tokens in sorted({min(t, budget) for t in (16, 128, 512, 2048)}):
         plans.append(step(0, 1, tokens, 0))
+    if pooling:
+        return plans
     context = min(256, max_model_len)
     for batch in sorted({min(b, max_num_seqs, budget) for b in (1, 4, 16, 64, 256)}):
         plans.append(step(batch, context, 0, 0))
@@ -108,8 +117,9 @@ def kv_bytes_per_block(config: Any, block_size: int, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: Any, device: torch.device, dtype: torch.dtype,
-                 block_size: int, seed: int = 0) -> None:
+                 block_size: int, seed: int = 0, pooler: PoolerConfig | None = None) -> None:
         self.model = model
+        self.pooler = pooler  # the pooling runner's: prompts are pooled, never sampled
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -143,7 +153,8 @@ class ModelRunner:
         with torch.inference_mode(), forward_context(meta):
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
                                 torch.arange(n, device=self.device) % self.config.max_position_embeddings)
-            self.model.compute_logits(hidden[-min(n, 256):])
+            if self.pooler is None:
+                self.model.compute_logits(hidden[-min(n, 256):])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         total = torch.cuda.get_device_properties(self.device).total_memory
@@ -205,6 +216,7 @@ class ModelRunner:
         slots: list[int] = []
         logit_groups: list[tuple[int, int]] = []
         sample_rows: list[int] = []
+        pool_spans: list[tuple[int, int, bool]] = []
         offset = 0
         for s in batch:
             r, start = s.request, s.request.num_computed_tokens
@@ -218,8 +230,10 @@ class ModelRunner:
                 last = min(end, r.num_prompt_tokens - 1)
                 if last > start:
                     logit_groups.append((offset, offset + last - start))
+            if r.pooling is not None:
+                pool_spans.append((offset, offset + s.num_new_tokens, start == 0))
             offset += s.num_new_tokens
-            if s.completes_prompt:
+            if s.completes_prompt and r.pooling is None:
                 sample_rows.append(offset - 1)
         decodes = [s for s in batch if s.num_new_tokens == 1]
         prefills = batch[len(decodes):]
@@ -236,7 +250,8 @@ class ModelRunner:
             qsl.append(qsl[-1] + s.num_new_tokens)
         return StepPlan(list(sched.swap_out), list(sched.swap_in), input_ids, positions, slots, len(decodes),
                         d_tables, d_lens, p_tables, p_lens, qsl,
-                        any(s.request.num_computed_tokens > 0 for s in prefills), logit_groups, sample_rows)
+                        any(s.request.num_computed_tokens > 0 for s in prefills), logit_groups, sample_rows,
+                        pool_spans)
 
     def _tensors(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -258,9 +273,11 @@ class ModelRunner:
         return (torch.tensor(plan.input_ids, dtype=torch.long).to(dev), torch.tensor(plan.positions).to(dev), meta)
 
     @torch.inference_mode()
-    def run_plan(self, plan: StepPlan) -> tuple[list[torch.Tensor | Exception], torch.Tensor | None]:
+    def run_plan(self, plan: StepPlan) -> tuple[list[torch.Tensor | Exception], torch.Tensor | None,
+                                                list[torch.Tensor | None]]:
         """The forward pass every rank runs, with the same collectives in the same order: logits of each prompt
-        logprobs group (an exception in its place when it failed, on one rank only), then of the sampled rows."""
+        logprobs group (an exception in its place when it failed, on one rank only), then of the sampled rows; and
+        what each pooled prompt chunk contributes (no collective: the hidden states are whole on every rank)."""
         if plan.swap_out or plan.swap_in:
             self.swap(plan.swap_out, plan.swap_in)
         n = len(plan.input_ids)
@@ -268,7 +285,7 @@ class ModelRunner:
                 and len(plan.sample_rows) == n):
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slots, plan.decode_lens, plan.decode_tables)
             if logits is not None:
-                return [], logits
+                return [], logits, []
         input_ids, positions, meta = self._tensors(plan)
         with forward_context(meta), elementwise.compiled_cpu_kernels(self.backend.name == "cpu"):
             hidden = self.model(input_ids, positions)
@@ -283,7 +300,9 @@ class ModelRunner:
         sampled = None
         if plan.sample_rows:
             sampled = self.model.compute_logits(hidden[torch.tensor(plan.sample_rows, device=self.device)])
-        return groups, sampled
+        pooled = [] if self.pooler is None else [  # rank 0's: tensor-parallel workers only run the forward pass
+            chunk_partial(hidden[a:b], self.pooler.pooling_type, starts) for a, b, starts in plan.pool_spans]
+        return groups, sampled, pooled
 
     def warm_up(self, plans: list[StepPlan]) -> None:
         """Run synthetic steps (``warm_up_plans``) on every rank; their outputs are dropped."""
@@ -299,9 +318,10 @@ class ModelRunner:
         plan = self.plan(batch, sched)
         if tp().size > 1:
             broadcast_plan(plan)  # the other ranks run the same step on their shards
-        groups, sampled = self.run_plan(plan)
+        groups, sampled, pooled = self.run_plan(plan)
 
         out = ModelRunnerOutput()
+        pools = iter(zip(pooled, plan.pool_spans))
         sample_reqs = []
         group = iter(groups)
         for s in batch:
@@ -317,7 +337,10 @@ class ModelRunner:
                 except Exception as e:  # its own fault: the engine stops this request, the batch goes on
                     logger.exception("request %s: prompt logprobs failed", r.request_id)
                     out.failed[r.request_id] = f"{type(e).__name__}: {e}"
-            if s.completes_prompt:
+            if r.pooling is not None:
+                partial, (a, b, starts) = next(pools)
+                out.pooled[r.request_id] = (partial, b - a, starts)
+            elif s.completes_prompt:
                 sample_reqs.append(r)
         if sample_reqs:
             result = self.sampler(sampled, sample_reqs)

@@ -58,3 +58,24 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Set when processing this request raised: it was stopped (finish_reason "error") and the engine went on.
     error: str | None = None
+    # An embedding request's pooled vector (the pooling runner), once its prompt is computed.
+    embedding: list[float] | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What ``LLM.embed`` returns per prompt (vLLM's shape)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flotilla.engine.outputs import LogprobDict, RequestMetrics
+from flotilla.engine.pooling import PoolingState
 from flotilla.engine.sampling_params import SamplingParams
 from flotilla.engine.structured_output import GrammarState
 
@@ -53,6 +54,7 @@ class Request:
     prompt_logprobs: list[LogprobDict | None] | None = None
     stop_reason: int | str | None = None
     grammar: GrammarState | None = None  # where its output stands in its grammar (guided decoding), if it has one
+    pooling: PoolingState | None = None  # an embedding request's: its prompt is pooled, not continued
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

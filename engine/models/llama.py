@@ -169,7 +169,9 @@ class LlamaForCausalLM(nn.Module):
             scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32).to(torch.get_default_dtype())
         self.register_buffer("embed_scale", scale, persistent=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
+        # A bare decoder ("Qwen3Model", "MistralModel": embedding models) has no LM head and computes no logits.
+        self.has_lm_head = not (getattr(config, "architectures", None) or ["ForCausalLM"])[0].endswith("Model")
+        if self.tie_word_embeddings or not self.has_lm_head:
             self.lm_head = None
         else:  # the same vocabulary split as the embedding
             self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
@@ -191,6 +193,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary, on every rank (gathered from the ranks' vocabulary shards)."""
+        if not self.has_lm_head:
+            raise ValueError(f"{self.config.architectures[0]} has no language-model head: it computes no logits")
         return (self.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
 
     def _unfused(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -37,6 +37,11 @@ _BUILTIN: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": LlamaForCausalLM,
     "Qwen2MoeForCausalLM": LlamaForCausalLM,  # plus a gated shared expert
     "Qwen3MoeForCausalLM": LlamaForCausalLM,
+    # Bare decoders, no LM head: embedding models (e5-mistral, gte-Qwen2, ...), served by the pooling runner
+    "LlamaModel": LlamaForCausalLM,
+    "MistralModel": LlamaForCausalLM,
+    "Qwen2Model": LlamaForCausalLM,
+    "Qwen3Model": LlamaForCausalLM,
 }
 
 

@@ -4,6 +4,7 @@ health, metrics, version. Errors always come back as ``{"error": {...}}`` with t
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -12,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flotilla.engine.async_engine import AsyncLLMEngine
 from flotilla.engine.errors import EngineDeadError, QueueFullError, RequestFailedError
 from flotilla.engine.outputs import CompletionOutput, LogprobDict, RequestOutput
+from flotilla.engine.pooling import PoolingParams
 from flotilla.engine.server import reasoning, tool_parsers
 from flotilla.engine.server.chat_output import ChatOutputParser, ChoiceStream
 from flotilla.engine.server.chat_template import apply_chat_template
@@ -30,6 +33,7 @@ from flotilla.engine.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
 )
 
@@ -344,10 +348,64 @@ def build_app(state: ServerState) -> FastAPI:
         return JSONResponse({"id": base_id, "object": "text_completion", "created": int(time.time()),
                              "model": model, "choices": choices, "usage": usage})
 
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, raw: Request) -> Response:
+        engine = state.ready_engine()
+        check_model(req.model)
+        if engine.engine.pooler is None:
+            raise APIError(400, "this model serves generation, not embeddings: start it with --runner pooling",
+                           "model", code="model_not_supported")
+        if req.encoding_format not in ("float", "base64"):
+            raise APIError(400, f"encoding_format: must be 'float' or 'base64', got {req.encoding_format!r}",
+                           "encoding_format")
+        check_queue(engine)
+        tok = engine.get_tokenizer()
+        prompts = []
+        for p in req.inputs():
+            ids = tok.encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "input: must not be empty", "input")
+            prompts.append(ids)
+        params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
+        base_id = f"embd-{uuid.uuid4().hex}"
+        streams = []
+        try:
+            for i, ids in enumerate(prompts):
+                streams.append(await _start(engine, {"prompt_token_ids": ids}, params, f"{base_id}-{i}", None))
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+        tasks = [asyncio.ensure_future(_collect(s, raw)) for s in streams]
+        try:
+            finals = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        data = []
+        for i, final in enumerate(finals):
+            metrics.observe_finished(final)
+            data.append({"object": "embedding", "index": i,
+                         "embedding": _encode_embedding(final.embedding, req.encoding_format)})
+        used = sum(len(f.prompt_token_ids) for f in finals)
+        return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()),
+                             "model": req.model or state.served_model_names[0], "data": data,
+                             "usage": {"prompt_tokens": used, "total_tokens": used}})
+
     return app
 
 
 # ---- helpers (pure where they can be) ---------------------------------------------------------------
+
+
+def _encode_embedding(vector: list[float] | None, encoding_format: str) -> list[float] | str:
+    """OpenAI's two encodings: a list of floats, or base64 of the little-endian float32 bytes (what the openai SDK
+    asks for by default and decodes itself)."""
+    assert vector is not None
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
 
 
 def _dead_error() -> APIError:

@@ -334,6 +334,28 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request, plus vLLM's ``normalize``."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    normalize: bool | None = None
+
+    def inputs(self) -> list[Union[str, list[int]]]:
+        p = self.input
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError(400, "input: must not be empty", "input")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
