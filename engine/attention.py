@@ -52,13 +52,15 @@ class AttentionBackend(Protocol):
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None: ...
 
-    def decode(self, query, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor: ...
+    # Each attention call also takes the keyword options ``window`` and ``softcap`` (kernels/paged_attention.py).
+
+    def decode(self, query, k_cache, v_cache, block_tables, seq_lens, scale, **options) -> torch.Tensor: ...
 
     def prefill_paged(
-        self, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale
+        self, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, **options
     ) -> torch.Tensor: ...
 
-    def prefill_fresh(self, query, key, value, query_start_loc, scale) -> torch.Tensor: ...
+    def prefill_fresh(self, query, key, value, query_start_loc, scale, **options) -> torch.Tensor: ...
 
 
 class TorchReferenceBackend:
@@ -103,9 +105,24 @@ class CompiledCpuBackend:
 
         load_cpu_kernels()
         self.write_kv = cpu_ops.write_kv_cache
-        self.decode = cpu_ops.paged_decode_attention
-        self.prefill_paged = cpu_ops.paged_attention
+        self._decode = cpu_ops.paged_decode_attention
+        self._prefill = cpu_ops.paged_attention
         self.prefill_fresh = ref.varlen_causal_attention_ref  # unused: prefill_from_cache
+
+    # The compiled kernels have no sliding window or soft-capping yet: layers with either take the torch reference.
+
+    def decode(self, query, k_cache, v_cache, block_tables, seq_lens, scale, *, window=None, softcap=None):
+        if window is None and softcap is None:
+            return self._decode(query, k_cache, v_cache, block_tables, seq_lens, scale)
+        return ref.paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale, window=window,
+                                              softcap=softcap)
+
+    def prefill_paged(self, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *, window=None,
+                      softcap=None):
+        if window is None and softcap is None:
+            return self._prefill(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+        return ref.paged_prefill_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                               scale, window=window, softcap=softcap)
 
 
 def load_cpu_kernels() -> Path:

@@ -23,7 +23,6 @@ from flotilla.engine.host_memory import peak_rss_bytes, reset_peak_rss
 from flotilla.engine.model_loader import (
     architecture,
     config_dtype,
-    context_limit,
     generation_eos_ids,
     load_config,
     load_model,
@@ -124,10 +123,10 @@ class LLMEngine:
         self.eos_token_ids = generation_eos_ids(self.source, self.tokenizer, self.model_config)
         self.model_name = args.served_model_name or args.model or self.source.name
 
-        limit, limited_by = context_limit(self.model_config)
+        limit = int(self.model_config.max_position_embeddings)
         max_model_len = args.max_model_len or limit
         if max_model_len > limit:
-            raise ValueError(f"max_model_len: {max_model_len} exceeds the model's {limited_by} ({limit})")
+            raise ValueError(f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings ({limit})")
         max_batched = args.max_num_batched_tokens or (
             max(2048, args.max_num_seqs) if args.enable_chunked_prefill else max(max_model_len, args.max_num_seqs))
         if not args.enable_chunked_prefill and max_batched < max_model_len:

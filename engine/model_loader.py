@@ -143,29 +143,6 @@ def architecture(config: Any) -> str:
     return (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
 
 
-def sliding_window(config: Any) -> int | None:
-    """The attention window the config's layers use, if they use one: Mistral v0.1's 4096; Qwen2/3 set a window
-    only with ``use_sliding_window`` (transformers lists each layer's kind in ``layer_types``)."""
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    kinds = getattr(config, "layer_types", None)
-    if kinds is not None and "sliding_attention" not in kinds:
-        return None
-    return int(window)
-
-
-def context_limit(config: Any) -> tuple[int, str]:
-    """The longest context this engine serves the model exactly, and what sets it. Attention here is over the whole
-    context, which equals a sliding window's only while the context fits in the window: a windowed model is
-    served up to its window (as vLLM did before it had windowed attention)."""
-    limit, why = int(config.max_position_embeddings), "max_position_embeddings"
-    window = sliding_window(config)
-    if window is not None and window < limit:
-        limit, why = window, "sliding window (windowed attention is not implemented yet)"
-    return limit, why
-
-
 def config_dtype(config: Any) -> torch.dtype | None:
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(value, torch.dtype):

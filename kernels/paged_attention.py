@@ -7,6 +7,10 @@ Layouts, shared by every implementation:
   Entries past a sequence's last block are padding and never read.
 - ``seq_lens``: ``[num_seqs]`` tokens of context per sequence *including* this step's new tokens.
 - ``query_start_loc``: ``[num_seqs + 1]`` offsets of each sequence's new tokens in the flattened batch.
+
+Two options every attention call takes (keyword-only, None = off), as Mistral and Gemma 2/3 define them:
+- ``window``: sliding-window attention; a query at position ``i`` sees keys ``j`` with ``i - window < j <= i``.
+- ``softcap``: logit soft-capping; scores (already scaled) become ``softcap * tanh(score / softcap)``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,29 @@ def write_kv_cache_ref(
     v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
 
 
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+            softcap: float | None) -> torch.Tensor:
+    """``[H, Q, D]`` queries against ``[H, K, D]`` keys/values under a boolean ``[Q, K]`` mask (True: visible).
+    Soft-capping needs the scores themselves, so it is written out (fp32 softmax, as transformers' eager path);
+    without it, SDPA."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = _capped(torch.matmul(q, k.transpose(-1, -2)).float() * scale, softcap)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(weights.to(v.dtype), v)
+
+
+def _causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """One sequence's first ``length`` cached positions, ``[num_kv_heads, length, head_dim]``."""
     num_kv_heads, block_size, head_dim = cache.shape[1:]
@@ -49,6 +76,9 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence, ``query`` ``[num_seqs, num_heads, head_dim]``, against the whole paged
     context of that sequence (its own new token included, already written). Returns the same shape.
@@ -71,11 +101,13 @@ def paged_decode_attention_ref(
     first_pos = slot[None, :].expand(num_seqs, width)[used] * block_size
     positions = first_pos[:, None] + torch.arange(block_size, device=device)[None, :]
     beyond = positions >= seq_lens[owner][:, None]  # [num_used, block_size]
+    if window is not None:  # the query sits at seq_len - 1: keys at or before seq_len - 1 - window are out of view
+        beyond |= positions < (seq_lens[owner] - window)[:, None]
 
     keys = k_cache.index_select(0, block_ids)  # [N, KVH, BS, D]
     values = v_cache.index_select(0, block_ids)
     q = query.view(num_seqs, num_kv_heads, group, head_dim).to(keys.dtype).index_select(0, owner)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [N, KVH, G, BS]
+    scores = _capped(torch.matmul(q, keys.transpose(-1, -2)).float() * scale, softcap)  # [N, KVH, G, BS]
     scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
     block_max = scores.amax(dim=-1)  # [N, KVH, G]
     seq_max = torch.full((num_seqs, num_kv_heads, group), float("-inf"), device=device)
@@ -95,6 +127,9 @@ def paged_prefill_attention_ref(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention for spans of new tokens ``query`` ``[num_tokens, num_heads, head_dim]`` whose
     earlier context (prefix-cache hits, earlier prefill chunks) already sits in the paged cache. The new
@@ -119,8 +154,7 @@ def paged_prefill_attention_ref(
         # Query j sits at absolute position seq_len - q_len + j and sees keys up to that position.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
         k_pos = torch.arange(seq_len, device=query.device)
-        mask = k_pos[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale)
+        o = _attend(q, keys.to(q.dtype), values.to(q.dtype), _causal_mask(q_pos, k_pos, window), scale, softcap)
         out[q_start:q_end] = o.transpose(0, 1)
     return out
 
@@ -131,6 +165,9 @@ def varlen_causal_attention_ref(
     value: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of prompts with no cached context: each sequence attends to its own new K/V only,
     so nothing is read back from the paged cache (the common first-prefill case)."""
@@ -145,8 +182,11 @@ def varlen_causal_attention_ref(
         if num_heads != num_kv_heads:
             k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
             v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        o = F.scaled_dot_product_attention(
-            query[s:e].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
-        )
+        q, k, v = query[s:e].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if window is None and softcap is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            pos = torch.arange(e - s, device=query.device)
+            o = _attend(q, k, v, _causal_mask(pos, pos, window), scale, softcap)
         out[s:e] = o.transpose(0, 1)
     return out

@@ -7,6 +7,9 @@ tensor cores; fp32 operands stay IEEE fp32, no TF32) with fp32 accumulation, and
 V's dtype before ``P @ V``, as flash-attention does; the tests' fp16 tolerances cover that rounding. (Decode once
 cast its tiles to fp32 for fp32 products: on an H100 that held it to 11% of the copy bandwidth.)
 
+Sliding windows and logit soft-capping (``window``, ``softcap``: see the references) are runtime arguments: a
+windowed decode or prefill tile starts its key loop at the window's first key, so it reads only what it can see.
+
 Under ``TRITON_INTERPRET=1`` these run on CPU tensors (slowly), which is how the CPU test suite checks them.
 """
 
@@ -49,9 +52,15 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_s
     return max(1, min(want, cap, _MAX_SPLITS))
 
 
-@triton.jit(do_not_specialize=["tiles_per_split"])
+@triton.jit
+def _soft_cap(s, softcap):
+    """``softcap * tanh(s / softcap)``, tanh written with exp (saturates to +-1 without overflow trouble)."""
+    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+
+
+@triton.jit(do_not_specialize=["tiles_per_split", "window"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale, window, softcap,
     stride_qs, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -60,6 +69,7 @@ def _decode_kernel(
     stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, tiles_per_split,
+    SOFTCAP: tl.constexpr,
 ):
     """One program: one sequence × one KV head × one split of its tokens, TILE_N tokens an iteration (each token's
     cache block looked up in the block table, so a tile may span several blocks). It serves all GROUP query heads
@@ -73,6 +83,8 @@ def _decode_kernel(
     seq_len = tl.load(lens_ptr + seq)
     first = split * tiles_per_split * TILE_N
     last = tl.minimum(first + tiles_per_split * TILE_N, seq_len)
+    if window > 0:  # the query (at seq_len - 1) sees the last `window` keys only
+        first = tl.maximum(first, seq_len - window)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -106,6 +118,8 @@ def _decode_kernel(
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale  # [BLOCK_G, TILE_N]
         else:
             s = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:
+            s = _soft_cap(s, softcap)
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
@@ -171,6 +185,8 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     num_splits: int | None = None,
     tile_n: int | None = None,
     num_warps: int | None = None,
@@ -206,7 +222,7 @@ def paged_decode_attention(
         lse = out  # unused when not splitting
         target, t_strides, l_strides = out, (*out.stride()[:2], 0), (0, 0)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, target, lse, scale,
+        query, k_cache, v_cache, block_tables, seq_lens, target, lse, scale, window or 0, softcap or 0.0,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -215,6 +231,7 @@ def paged_decode_attention(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n,
         SPLIT=split, IEEE=k_cache.dtype == torch.float32,
         tiles_per_split=tiles_per_split,  # a runtime value: no recompile per batch shape
+        SOFTCAP=softcap is not None,
         num_warps=num_warps or (DECODE_NUM_WARPS if cuda else 4),
         num_stages=num_stages or (DECODE_NUM_STAGES if cuda else 1),
     )
@@ -231,16 +248,16 @@ def paged_decode_attention(
 # ---- prefill ------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "window"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, lens_ptr, qsl_ptr, scale, num_seqs,
+    q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, lens_ptr, qsl_ptr, scale, num_seqs, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program: BLOCK_M consecutive new tokens of one sequence × one query head.
 
@@ -284,8 +301,12 @@ def _prefill_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # Causality: this tile's last query sees keys up to its own position, nothing beyond.
         kv_end = tl.minimum(seq_len, seq_len - q_len + tl.minimum((tile + 1) * BLOCK_M, q_len))
+        # A window: the tile's first query sees nothing before its own position - window + 1.
+        kv_start = 0
+        if window > 0:
+            kv_start = tl.maximum(seq_len - q_len + tile * BLOCK_M - window + 1, 0)
         n = tl.arange(0, BLOCK_N)
-        for start in range(0, kv_end, BLOCK_N):
+        for start in range(kv_start, kv_end, BLOCK_N):
             pos = start + n
             n_ok = pos < kv_end
             if PAGED:
@@ -299,11 +320,18 @@ def _prefill_kernel(
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+            if SOFTCAP:
+                s = _soft_cap(s, softcap)
             visible = (pos[None, :] <= q_pos[:, None]) & n_ok[None, :]
+            if window > 0:
+                visible = visible & (pos[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
+            # A row may see none of this tile's keys yet (a window narrower than the query tile): keep its sums at 0
+            # rather than exp(-inf - -inf).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
             l = l * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision=DOT_PRECISION)
@@ -314,13 +342,14 @@ def _prefill_kernel(
 
 
 # Prefill launch shape on CUDA (query tokens a program, keys an iteration, warps, pipelining depth): chosen by the
-# sweep in benchmarks/kernels.py (--sweep) on an H100. ``PREFILL_LAUNCH_OVERRIDE`` replaces it for that sweep.
+# sweep in benchmarks/kernels.py (--sweep) on an H100. ``PREFILL_LAUNCH_OVERRIDE`` replaces it (that sweep; tests).
 PREFILL_LAUNCH = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
 PREFILL_LAUNCH_OVERRIDE: dict | None = None
 
 
 def _prefill_launch(query, key_src, value_src, block_tables, seq_lens, query_start_loc, scale, block_size,
-                    paged: bool, key_strides, value_strides) -> torch.Tensor:
+                    paged: bool, key_strides, value_strides, window: int | None,
+                    softcap: float | None) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_src.shape[1]
     out = torch.empty_like(query)
@@ -328,19 +357,21 @@ def _prefill_launch(query, key_src, value_src, block_tables, seq_lens, query_sta
     if num_tokens == 0 or num_seqs == 0:
         return out
     query = query if query.stride(-1) == 1 else query.contiguous()
-    if query.device.type == "cuda":
-        launch = PREFILL_LAUNCH_OVERRIDE or PREFILL_LAUNCH
+    if PREFILL_LAUNCH_OVERRIDE is not None:
+        launch = PREFILL_LAUNCH_OVERRIDE
+    elif query.device.type == "cuda":
+        launch = PREFILL_LAUNCH
     else:
         launch = dict(block_m=16, block_n=max(16, min(64, block_size)), num_warps=4, num_stages=1)
     block_m = launch["block_m"]
     _prefill_kernel[(num_tokens // block_m + num_seqs, num_heads)](
-        query, key_src, value_src, out, block_tables, seq_lens, query_start_loc, scale, num_seqs,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        query, key_src, value_src, out, block_tables, seq_lens, query_start_loc, scale, num_seqs, window or 0,
+        softcap or 0.0, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *key_strides, *value_strides, block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m, BLOCK_N=launch["block_n"], BLOCK_SIZE=block_size, PAGED=paged,
         # fp32 operands stay IEEE fp32 (no TF32); fp16/bf16 ignore this and use tensor cores.
-        DOT_PRECISION="ieee" if key_src.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if key_src.dtype == torch.float32 else "tf32", SOFTCAP=softcap is not None,
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out
@@ -354,12 +385,15 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``paged_prefill_attention_ref``: new-token spans attend causally to their whole
     paged context (prefix-cache hits, earlier chunks, and themselves, already written)."""
     _check_cache(k_cache, v_cache)
     return _prefill_launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                           k_cache.shape[2], True, k_cache.stride()[:3], v_cache.stride()[:3])
+                           k_cache.shape[2], True, k_cache.stride()[:3], v_cache.stride()[:3], window, softcap)
 
 
 def varlen_causal_attention(
@@ -368,6 +402,9 @@ def varlen_causal_attention(
     value: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``varlen_causal_attention_ref``: prompts with no cached context attend to their own
     new K/V ``[num_tokens, kv_heads, head_dim]``; nothing is read from the paged cache."""
@@ -375,7 +412,8 @@ def varlen_causal_attention(
     value = value if value.stride(-1) == 1 else value.contiguous()
     # The block table and block size are unused when not PAGED; pass placeholders of the right kinds.
     return _prefill_launch(query, key, value, query_start_loc, query_start_loc, query_start_loc, scale, 16,
-                           False, (0, key.stride(1), key.stride(0)), (0, value.stride(1), value.stride(0)))
+                           False, (0, key.stride(1), key.stride(0)), (0, value.stride(1), value.stride(0)), window,
+                           softcap)
 
 
 __all__ = [

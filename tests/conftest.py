@@ -24,6 +24,17 @@ TINY_VARIANTS = {
     # Gemma: GeGLU (tanh GELU), RMSNorm scale stored as w for (1 + w), embeddings scaled by sqrt(hidden), 4:1 GQA
     "gemma": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                   tie_word_embeddings=True),
+    # Gemma 2: sandwich norms, soft-capped scores (a cap of 1 bites) and logits, a 16-token window on layer 0 (of
+    # [window, full]), queries scaled by query_pre_attn_scalar (not head_dim)
+    "gemma2": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   tie_word_embeddings=True, sliding_window=16, query_pre_attn_scalar=24, attn_logit_softcapping=1.0,
+                   final_logit_softcapping=2.0),
+    # Gemma 3 (text): q/k norms (1 + w), an 8-token window on layer 0, RoPE per layer kind (linear scaling globally)
+    "gemma3": dict(model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                   tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=24,
+                   layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}),
     # Mixtral: every MLP a mixture of 4 experts, top-2, weights renormalised
     "mixtral": dict(model_type="mixtral", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                     num_local_experts=4, num_experts_per_tok=2),
@@ -89,6 +100,7 @@ def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
     )
     config.architectures = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
                              "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM",
+                             "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                              "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                              "qwen3_moe": "Qwen3MoeForCausalLM"}.get(model_type, "LlamaForCausalLM")]
     torch.manual_seed(1234)
@@ -101,7 +113,7 @@ def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
                 p.normal_(0.0, 0.05)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # not all ones: a misplaced norm must show
                 p.normal_(1.0, 0.2)
-            elif model_type == "gemma" and name.endswith("norm.weight"):  # (1 + w): a missing 1 must show
+            elif model_type.startswith("gemma") and name.endswith("norm.weight"):  # (1 + w): a missing 1 must show
                 p.normal_(0.0, 0.2)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -163,3 +163,103 @@ def test_decode_and_prefill_agree_with_dense_attention_written_out():
             w = torch.softmax(torch.einsum("hd,nhd->hn", qp[s + j].cpu().double(), k[: pos + 1]) * 0.125, -1)
             torch.testing.assert_close(pre[s + j], torch.einsum("hn,nhd->hd", w, v[: pos + 1]),
                                        atol=1e-5, rtol=1e-5)
+
+
+# ---- sliding windows and logit soft-capping (Mistral, Gemma 2/3) ---------------------------------------------------
+
+# (window, softcap): a window of one key, one inside a block, one spanning blocks and tiles, a soft cap alone, both.
+# The scores (scale 1/8 on unit-variance q and k) have a standard deviation of about 1: a cap of 0.5 bites.
+WINDOW_CAP = [(1, None), (5, None), (37, None), (None, 0.5), (21, 0.5)]
+
+
+@pytest.mark.parametrize("window,softcap", WINDOW_CAP)
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "split-k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_windowed_and_capped_decode_matches_reference(window, softcap, num_splits, dtype):
+    seq_lens = context_lengths(16) + [130]
+    k_cache, v_cache, tables, _, _ = paged_setup(seq_lens, 2, 64, 16, dtype, seed=5)
+    q = torch.randn(len(seq_lens), 8, 64, generator=torch.Generator().manual_seed(6)).to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(window=window, softcap=softcap)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125, num_splits=num_splits, **kw)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.125, **kw)
+    tol = DECODE_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window,softcap", WINDOW_CAP)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_windowed_and_capped_prefill_matches_reference(window, softcap, dtype):
+    spans = [(5, 5), (2 * 16 + 3, 7), (40, 1), (3 * 16 + 9, 3 * 16 + 9), (2 * 16 + 21, 21)]
+    seq_lens = [n for n, _ in spans]
+    k_cache, v_cache, tables, _, _ = paged_setup(seq_lens, 2, 64, 16, dtype, seed=2)
+    qsl = [0]
+    for _, q_len in spans:
+        qsl.append(qsl[-1] + q_len)
+    q = torch.randn(qsl[-1], 8, 64, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
+    kw = dict(window=window, softcap=softcap)
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, lens, starts, 0.125, **kw)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, tables, lens, starts, 0.125, **kw)
+    tol = PREFILL_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    # fresh prompts: the same kernel on the step's own K/V
+    fresh = [0, 3, 20, 21, 61]
+    g = torch.Generator().manual_seed(9)
+    qf = torch.randn(fresh[-1], 8, 64, generator=g).to(dtype).to(DEVICE)
+    kv = torch.randn(fresh[-1], 4, 64, generator=g).to(dtype).to(DEVICE)
+    qslf = torch.tensor(fresh, dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(varlen_causal_attention(qf, kv[:, :2], kv[:, 2:], qslf, 0.125, **kw).float(),
+                               varlen_causal_attention_ref(qf, kv[:, :2], kv[:, 2:], qslf, 0.125, **kw).float(),
+                               atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window,softcap", [(7, None), (None, 2.0), (7, 2.0)])
+def test_window_and_cap_references_agree_with_attention_written_out(window, softcap):
+    """The references themselves, against the definition in fp64: query i sees keys j with i - window < j <= i,
+    scores cap * tanh(score / cap)."""
+    heads, kv_heads, head_dim = 4, 2, 32
+    seq_lens = [1, 9, 30]
+    k_cache, v_cache, tables, keys, values = paged_setup(seq_lens, kv_heads, head_dim, 16, torch.float32, 4,
+                                                         device="cpu")
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=g)
+    kw = dict(window=window, softcap=softcap)
+    dec = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.5, **kw).double()
+    starts = torch.tensor([0, 1, 6, 18], dtype=torch.int32)  # last 1, 5, 12 tokens are new
+    qp = torch.randn(18, heads, head_dim, generator=g)
+    pre = paged_prefill_attention_ref(qp, k_cache, v_cache, tables, lens, starts, 0.5, **kw).double()
+
+    def longhand(query, k, v, pos):
+        lo = 0 if window is None else max(0, pos - window + 1)
+        s = torch.einsum("hd,nhd->hn", query.double(), k[lo:pos + 1]) * 0.5
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        return torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v[lo:pos + 1])
+
+    for i, n in enumerate(seq_lens):
+        k = keys[i].double().repeat_interleave(heads // kv_heads, dim=1)
+        v = values[i].double().repeat_interleave(heads // kv_heads, dim=1)
+        torch.testing.assert_close(dec[i], longhand(q[i], k, v, n - 1), atol=1e-5, rtol=1e-5)
+        s, e = int(starts[i]), int(starts[i + 1])
+        for j in range(e - s):
+            torch.testing.assert_close(pre[s + j], longhand(qp[s + j], k, v, n - (e - s) + j), atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_narrower_than_the_query_tile_leaves_no_row_without_keys(monkeypatch):
+    """With 32 queries a tile and 16 keys an iteration (the GPU's shape is 64 and 32), a one-key window leaves the
+    tile's later rows nothing to see in its first key block: their running sums must stay empty, not NaN."""
+    from flotilla.kernels import triton_paged_attention
+
+    monkeypatch.setattr(triton_paged_attention, "PREFILL_LAUNCH_OVERRIDE",
+                        dict(block_m=32, block_n=16, num_warps=4, num_stages=1))
+    qsl = torch.tensor([0, 40], dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(40, 4, 32, generator=g).to(DEVICE)
+    kv = torch.randn(40, 4, 32, generator=g).to(DEVICE)
+    for window in (1, 3):
+        out = varlen_causal_attention(q, kv[:, :2], kv[:, 2:], qsl, 0.5, window=window)
+        ref = varlen_causal_attention_ref(q, kv[:, :2], kv[:, 2:], qsl, 0.5, window=window)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)

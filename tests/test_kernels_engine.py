@@ -85,3 +85,11 @@ def test_engine_with_the_fused_moe_kernel_generates_the_reference_greedy_tokens(
     reference = _run(folder, "torch", monkeypatch)
     monkeypatch.setenv(MOE_ENV, "triton")
     assert _run(folder, "triton", monkeypatch) == reference
+
+
+def test_engine_with_triton_kernels_on_windowed_soft_capped_gemma2(tmp_path, tokenizer, monkeypatch):
+    """Gemma 2's windowed layer (16 keys) and soft-capped scores through the Triton kernels: the 30-token prompt's
+    second chunk and the decodes see past the window."""
+    folder = build_tiny("gemma2", tmp_path / "gemma2", tokenizer)
+    reference = _run(folder, "torch", monkeypatch)
+    assert _run(folder, "triton", monkeypatch) == reference

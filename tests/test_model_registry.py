@@ -1,6 +1,6 @@
 """Architectures: ModelRegistry (vLLM's ``register_model``, by class or by ``module:Class``), the refusal of what
-nothing serves, and a sliding-window model served up to its window (where full attention equals windowed
-attention), each checked against transformers' greedy output."""
+nothing serves, sliding windows past the window, and what greedy tokens cannot show (soft-capped logits, RoPE per
+layer kind), each checked against transformers."""
 
 from __future__ import annotations
 
@@ -62,15 +62,25 @@ def test_a_lazy_registration_that_cannot_import_fails_when_used(tiny_llama, tmp_
         LLM(str(folder), dtype="float32")
 
 
-def test_a_sliding_window_model_is_served_up_to_its_window(tmp_path, tokenizer):
-    folder = build_tiny("mistral", tmp_path / "mistral", tokenizer, num_attention_heads=4, num_key_value_heads=2,
-                        sliding_window=48)
-    with pytest.raises(ValueError, match=r"max_model_len: 128 exceeds the model's sliding window.*\(48\)"):
-        LLM(str(folder), dtype="float32", max_model_len=128)
-    llm = LLM(str(folder), dtype="float32")
-    assert llm.llm_engine.scheduler_config.max_model_len == 48
-    # Inside the window, full attention is the window's: token for token transformers' (which applies the window).
-    assert greedy(llm, PROMPT, 40) == hf_greedy(folder, PROMPT, 40)
+@pytest.mark.parametrize("variant,overrides", [
+    ("mistral", dict(sliding_window=16)),  # every layer windowed (Mistral v0.1)
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),  # layer 1 windowed, 0 full
+])
+def test_sliding_window_models_attend_within_their_window_past_it(tmp_path, tokenizer, variant, overrides):
+    """Contexts three times the window, through chunks of 24 tokens and decode: transformers' tokens (it applies
+    the window too)."""
+    folder = build_tiny(variant, tmp_path / variant, tokenizer, num_attention_heads=4, num_key_value_heads=2,
+                        **overrides)
+    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=24)
+    assert llm.llm_engine.scheduler_config.max_model_len == 512  # the window no longer caps the context
+    windows = [layer.self_attn.attn.options.get("window") for layer in llm.llm_engine.runner.model.layers]
+    assert windows == ([16, 16] if variant == "mistral" else [None, 16])
+    prompts = [PROMPT, PROMPT * 5]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(folder, prompt, 30)
+    assert_prompt_logprobs_match(llm, folder)  # every prompt position, chunks straddling the window
 
 
 def test_chat_passes_tools_and_template_kwargs_to_the_template(tiny_llama, tokenizer):
@@ -114,3 +124,26 @@ def test_a_mixture_of_experts_checkpoint_that_does_not_match_fails_loudly(tmp_pa
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=expected):
         LLM(str(folder), dtype="float32")
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
+def test_windowed_soft_capped_families_match_transformers_log_probabilities(tmp_path, tokenizer, variant):
+    """Greedy tokens cannot see everything: a soft cap on the logits never changes their order. Prompt logprobs at
+    every position of a prompt four times the window long, with prefill chunks that straddle the window, against
+    transformers' log-softmax of its own logits."""
+    folder = build_tiny(variant, tmp_path / variant, tokenizer)
+    assert_prompt_logprobs_match(LLM(str(folder), dtype="float32", max_num_batched_tokens=24), folder)
+
+
+def assert_prompt_logprobs_match(llm: LLM, folder, length: int = 64) -> None:
+    """The log-probability of every next prompt token, ours against transformers' log-softmax of its logits."""
+    from conftest import hf_model
+
+    prompt = [(13 * i + 7) % 4000 + 3 for i in range(length)]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    ours = torch.tensor([lp[tok].logprob for lp, tok in zip(out.prompt_logprobs[1:], prompt[1:])])
+    with torch.no_grad():
+        logits = hf_model(folder)(torch.tensor([prompt])).logits[0, :-1]
+    theirs = torch.log_softmax(logits.float(), dim=-1)[torch.arange(length - 1), torch.tensor(prompt[1:])]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -28,7 +28,7 @@ GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def gated_activation(config) -> Callable[[torch.Tensor], torch.Tensor]:
-    act = getattr(config, "hidden_act", "silu")
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"  # Gemma 2/3
     if act not in GATED_ACTIVATIONS:
         raise ValueError(f"hidden_act {act!r} is not supported ({', '.join(sorted(GATED_ACTIVATIONS))} are)")
     return GATED_ACTIVATIONS[act]

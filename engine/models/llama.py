@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Gemma, SmolLM) and its mixture-of-experts
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1/2/3, SmolLM) and its mixture-of-experts
 relatives (Mixtral, Qwen2-MoE, Qwen3-MoE: the MLP of some or all layers is sparse), written against Flotilla's layers.
 
 Tokens arrive flattened, ``[num_tokens]`` with their positions: no batch dimension and no padding. The
@@ -24,18 +24,40 @@ from flotilla.engine.layers.rotary import RotaryEmbedding
 from flotilla.engine.parallel import first_kv_head, kv_heads_per_rank, split_evenly
 
 
-def _rope_settings(config: Any) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from either the transformers 5 ``rope_parameters`` or the older config fields."""
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
+_SANDWICH = ("gemma2", "gemma3_text")  # a norm after attention and after the MLP too, before each residual add
+
+
+def _rope_settings(config: Any, layer: int) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from either the transformers 5 ``rope_parameters`` (per layer kind where the kinds differ,
+    as Gemma 3's local and global layers do) or the older config fields."""
     params = getattr(config, "rope_parameters", None)
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(params, dict) and kinds is not None and kinds[layer] in params:
+        params = params[kinds[layer]]
     if isinstance(params, dict) and "rope_theta" in params:
         scaling = params if params.get("rope_type", "default") != "default" else None
         return float(params["rope_theta"]), scaling
     return float(getattr(config, "rope_theta", 10000.0)), getattr(config, "rope_scaling", None)
 
 
+def layer_window(config: Any, layer: int) -> int | None:
+    """The attention window of ``layer``, if it has one. transformers lists each layer's kind in ``layer_types``
+    (Gemma 2 alternates windowed and full layers, Gemma 3 has five windowed to one full, Qwen2/3 window the layers
+    past ``max_window_layers`` when ``use_sliding_window``); without it a window applies to every layer (Mistral
+    v0.1's 4096)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None and kinds[layer] != "sliding_attention":
+        return None
+    return int(window)
+
+
 def _norm_offset(config: Any) -> float:
     """Gemma stores each RMSNorm scale as ``w`` and multiplies by ``1 + w``."""
-    return 1.0 if config.model_type == "gemma" else 0.0
+    return 1.0 if config.model_type in _GEMMA else 0.0
 
 
 def _moe_spec(config: Any, layer: int) -> MoeSpec | None:
@@ -61,7 +83,7 @@ class LlamaAttention(nn.Module):
     """Heads split across tensor-parallel ranks: each rank projects, rotates and attends its own query heads
     against its KV heads; o_proj's all-reduce sums the ranks' outputs."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, layer: int) -> None:
         super().__init__()
         total_heads = config.num_attention_heads
         total_kv = getattr(config, "num_key_value_heads", None) or total_heads
@@ -79,14 +101,19 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = PackedColumnParallelLinear(config.hidden_size, {
             "q": q_rows, "k": (kv_start, kv_size), "v": (kv_start, kv_size)}, bias=qkv_bias)
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=o_bias)
-        theta, scaling = _rope_settings(config)
+        theta, scaling = _rope_settings(config, layer)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
-        # Qwen3 normalises each head's query and key (one RMSNorm over head_dim, shared by the heads) before RoPE.
+        # Gemma 2/3 scale queries by query_pre_attn_scalar^-0.5 and Gemma 2 soft-caps the scores.
+        scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale,
+                                   sliding_window=layer_window(config, layer),
+                                   softcap=getattr(config, "attn_logit_softcapping", None))
+        # Qwen3 and Gemma 3 normalise each head's query and key (one RMSNorm over head_dim, shared by the heads)
+        # before RoPE.
         self.q_norm = self.k_norm = None
-        if config.model_type in ("qwen3", "qwen3_moe"):
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        if config.model_type in ("qwen3", "qwen3_moe", "gemma3_text"):
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, _norm_offset(config))
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, _norm_offset(config))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -118,7 +145,7 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, index: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, index)
         moe = _moe_spec(config, index)
         if moe is None:
             self.mlp: nn.Module = LlamaMLP(config)
@@ -128,15 +155,24 @@ class LlamaDecoderLayer(nn.Module):
         offset = _norm_offset(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
+        self.sandwich = config.model_type in _SANDWICH
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is the previous layer's output not yet added to the ``residual`` stream; each norm that follows an
+        add does the add (fused)."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x)
+        if self.sandwich:  # Gemma 2/3: norm(attn) + residual, norm before the MLP, norm(mlp) + residual
+            x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(x), residual)
+            return self.post_feedforward_layernorm(self.mlp(x)), residual
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -165,9 +201,10 @@ class LlamaForCausalLM(nn.Module):
         # Gemma scales the embeddings by sqrt(hidden_size), rounded to the serving dtype (the default dtype while the
         # model is built) as transformers rounds it; a buffer, so no forward pass (nor a CUDA graph) makes a tensor.
         scale = None
-        if config.model_type == "gemma":
+        if config.model_type in _GEMMA:
             scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32).to(torch.get_default_dtype())
         self.register_buffer("embed_scale", scale, persistent=False)
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # A bare decoder ("Qwen3Model", "MistralModel": embedding models) has no LM head and computes no logits.
         self.has_lm_head = not (getattr(config, "architectures", None) or ["ForCausalLM"])[0].endswith("Model")
@@ -195,7 +232,10 @@ class LlamaForCausalLM(nn.Module):
         """Logits over the whole vocabulary, on every rank (gathered from the ranks' vocabulary shards)."""
         if not self.has_lm_head:
             raise ValueError(f"{self.config.architectures[0]} has no language-model head: it computes no logits")
-        return (self.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
+        logits = (self.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def _unfused(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoints that store q/k/v or gate/up already fused (Phi-3's ``qkv_proj``, ``gate_up_proj``) as the

@@ -33,6 +33,8 @@ _BUILTIN: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Phi3ForCausalLM": LlamaForCausalLM,  # fused qkv/gate_up checkpoints; LongRoPE (the 128k models) not yet
     "GemmaForCausalLM": LlamaForCausalLM,  # GeGLU, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden_size)
+    "Gemma2ForCausalLM": LlamaForCausalLM,  # + sandwich norms, soft-capped scores and logits, alternating windows
+    "Gemma3ForCausalLM": LlamaForCausalLM,  # (text) + q/k norms, five windowed layers to one global, RoPE per kind
     # Mixture of experts: top-k routing and a fused grouped GEMM over the experts (kernels/moe.py)
     "MixtralForCausalLM": LlamaForCausalLM,
     "Qwen2MoeForCausalLM": LlamaForCausalLM,  # plus a gated shared expert

@@ -298,37 +298,21 @@ def build_app(state: ServerState) -> FastAPI:
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise APIError(400, "logprobs: must be between 0 and 20", "logprobs")
         tok = engine.get_tokenizer()
-        prompts = []
-        for p in req.prompts():
-            ids = tok.encode(p) if isinstance(p, str) else list(p)
-            if not ids:
-                raise APIError(400, "prompt: must not be empty", "prompt")
-            prompts.append(ids)
+        prompts = _token_ids(tok, req.prompts(), "prompt")
         model = req.model or state.served_model_names[0]
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = []
-        try:
-            for i, ids in enumerate(prompts):
-                max_tokens = _max_tokens(req.max_tokens, len(ids), engine.engine.max_model_len, "max_tokens")
-                prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-                params = req.sampling_params(max_tokens, req.logprobs, prompt_lp)
-                streams.append(await _start(engine, {"prompt_token_ids": ids}, params, f"{base_id}-{i}",
-                                            req.cache_salt))
-        except BaseException:
-            for s in streams:
-                await s.aclose()
-            raise
+
+        def params_for(ids: list[int]) -> Any:
+            max_tokens = _max_tokens(req.max_tokens, len(ids), engine.engine.max_model_len, "max_tokens")
+            prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
+            return req.sampling_params(max_tokens, req.logprobs, prompt_lp)
+
+        streams = await _start_all(engine, prompts, params_for, base_id, req.cache_salt)
         n = req.n
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(_completion_chunks(streams, base_id, model, n, req.echo, usage, engine, metrics))
-        tasks = [asyncio.ensure_future(_collect(s, raw)) for s in streams]
-        try:
-            finals = await asyncio.gather(*tasks)
-        except BaseException:  # one prompt failed: the response is an error, so stop computing the others
-            for t in tasks:
-                t.cancel()
-            raise
+        finals = await _collect_all(streams, raw)
         choices = []
         for i, final in enumerate(finals):
             metrics.observe_finished(final)
@@ -359,30 +343,10 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"encoding_format: must be 'float' or 'base64', got {req.encoding_format!r}",
                            "encoding_format")
         check_queue(engine)
-        tok = engine.get_tokenizer()
-        prompts = []
-        for p in req.inputs():
-            ids = tok.encode(p) if isinstance(p, str) else list(p)
-            if not ids:
-                raise APIError(400, "input: must not be empty", "input")
-            prompts.append(ids)
+        prompts = _token_ids(engine.get_tokenizer(), req.inputs(), "input")
         params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
         base_id = f"embd-{uuid.uuid4().hex}"
-        streams = []
-        try:
-            for i, ids in enumerate(prompts):
-                streams.append(await _start(engine, {"prompt_token_ids": ids}, params, f"{base_id}-{i}", None))
-        except BaseException:
-            for s in streams:
-                await s.aclose()
-            raise
-        tasks = [asyncio.ensure_future(_collect(s, raw)) for s in streams]
-        try:
-            finals = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
+        finals = await _collect_all(await _start_all(engine, prompts, lambda _: params, base_id, None), raw)
         data = []
         for i, final in enumerate(finals):
             metrics.observe_finished(final)
@@ -467,6 +431,42 @@ async def _start(engine: AsyncLLMEngine, prompt: dict, params: Any, request_id: 
             await gen.aclose()  # aborts the request in the engine if it had not finished
 
     return chained()
+
+
+def _token_ids(tok: Any, prompts: list[str | list[int]], param: str) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, f"{param}: must not be empty", param)
+        out.append(ids)
+    return out
+
+
+async def _start_all(engine: AsyncLLMEngine, prompts: list[list[int]], params_for: Callable[[list[int]], Any],
+                     base_id: str, cache_salt: str | None) -> list[AsyncIterator[RequestOutput]]:
+    """One request per prompt (ids ``base_id-i``), each started (bad input fails here); if one fails to start, the
+    ones already started are stopped."""
+    streams: list[AsyncIterator[RequestOutput]] = []
+    try:
+        for i, ids in enumerate(prompts):
+            streams.append(await _start(engine, {"prompt_token_ids": ids}, params_for(ids), f"{base_id}-{i}",
+                                        cache_salt))
+    except BaseException:
+        for s in streams:
+            await s.aclose()  # type: ignore[attr-defined]
+        raise
+    return streams
+
+
+async def _collect_all(streams: list[AsyncIterator[RequestOutput]], raw: Request) -> list[RequestOutput]:
+    tasks = [asyncio.ensure_future(_collect(s, raw)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:  # one prompt failed: the response is an error, so stop computing the others
+        for t in tasks:
+            t.cancel()
+        raise
 
 
 async def _collect(stream: AsyncIterator[RequestOutput], raw: Request) -> RequestOutput:

@@ -316,6 +316,17 @@ class ChatCompletionRequest(_SamplingFields):
             raise APIError.invalid(e) from e
 
 
+def prompt_list(value: Union[str, list[str], list[int], list[list[int]]], param: str) -> list[Union[str, list[int]]]:
+    """OpenAI's prompt forms (one text, texts, one list of token ids, lists of them) as a list of prompts."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise APIError(400, f"{param}: must not be empty", param)
+    if all(isinstance(x, int) for x in value):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
+
+
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = 16
@@ -324,14 +335,7 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
     def prompts(self) -> list[Union[str, list[int]]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
-            raise APIError(400, "prompt: must not be empty", "prompt")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return prompt_list(self.prompt, "prompt")
 
 
 class EmbeddingRequest(BaseModel):
@@ -346,14 +350,7 @@ class EmbeddingRequest(BaseModel):
     normalize: bool | None = None
 
     def inputs(self) -> list[Union[str, list[int]]]:
-        p = self.input
-        if isinstance(p, str):
-            return [p]
-        if not p:
-            raise APIError(400, "input: must not be empty", "input")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return prompt_list(self.input, "input")
 
 
 class TokenizeRequest(BaseModel):
