@@ -406,7 +406,7 @@ class LLMEngine:
                 if len(r.prompt_logprobs) == start + 1:  # not already recorded before a preemption
                     r.prompt_logprobs.extend(lps)
             if r.pooling is not None:
-                r.pooling.add(*result.pooled[r.request_id])
+                r.pooling.add(result.pooled[r.request_id], s.num_new_tokens, start == 0)
                 if r.num_computed_tokens == r.num_prompt_tokens:
                     self._pooled(parent, r, now)
                     changed[parent.request_id] = parent

@@ -58,8 +58,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[LogprobDict]] = field(default_factory=dict)
     # request id -> why its own processing failed this step (the engine stops it; the batch goes on)
     failed: dict[str, str] = field(default_factory=dict)
-    # request id -> (what its prompt chunk adds to its pooled vector, the chunk's tokens, whether it starts the prompt)
-    pooled: dict[str, tuple[torch.Tensor | None, int, bool]] = field(default_factory=dict)
+    # request id -> what its prompt chunk adds to its pooled vector (pooling.chunk_partial)
+    pooled: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
 
 def warm_up_plans(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
@@ -321,7 +321,7 @@ class ModelRunner:
         groups, sampled, pooled = self.run_plan(plan)
 
         out = ModelRunnerOutput()
-        pools = iter(zip(pooled, plan.pool_spans))
+        pools = iter(pooled)
         sample_reqs = []
         group = iter(groups)
         for s in batch:
@@ -338,8 +338,7 @@ class ModelRunner:
                     logger.exception("request %s: prompt logprobs failed", r.request_id)
                     out.failed[r.request_id] = f"{type(e).__name__}: {e}"
             if r.pooling is not None:
-                partial, (a, b, starts) = next(pools)
-                out.pooled[r.request_id] = (partial, b - a, starts)
+                out.pooled[r.request_id] = next(pools)
             elif s.completes_prompt:
                 sample_reqs.append(r)
         if sample_reqs:

@@ -4,6 +4,7 @@ elsewhere, overridable by name or by an environment variable (tests force Triton
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -42,6 +43,22 @@ def resolve(device: torch.device | str, name: str = "auto", env_var: str | None 
         if device.type != "cuda" and not interpreting():
             raise ValueError(f"triton kernels need a CUDA device or TRITON_INTERPRET=1, not {device}")
     return name
+
+
+def env_override(env_var: str) -> str:
+    """A kernel family's override variable, normalised (``auto`` when unset)."""
+    return os.environ.get(env_var, "auto").strip().lower() or "auto"
+
+
+def resolve_cached(device_type: str, override: str) -> str:
+    """``resolve`` memoised for the per-layer call sites of the forward pass; keyed on ``TRITON_INTERPRET`` too, so
+    a test that changes the environment gets a fresh decision."""
+    return _resolve_memo(device_type, override, os.environ.get("TRITON_INTERPRET", "0"))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_memo(device_type: str, override: str, interpret: str) -> str:
+    return resolve(torch.device(device_type), override)
 
 
 def block_triton_if_unused(override_envs: tuple[str, ...]) -> bool:

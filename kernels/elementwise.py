@@ -12,8 +12,6 @@ fp32 CPU outputs match it bit for bit.
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 from typing import Callable, Iterator
 
 import torch
@@ -68,12 +66,6 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 # ---- dispatch -----------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _implementation(device_type: str, override: str, interpret: str) -> str:
-    # Keyed on the environment's values, so a test that changes them gets a fresh decision.
-    return dispatch.resolve(torch.device(device_type), override)
-
-
 @contextlib.contextmanager
 def compiled_cpu_kernels(enabled: bool = True) -> Iterator[None]:
     """Within it (when ``enabled``), CPU tensors go to the compiled kernels, which must have been loaded
@@ -88,10 +80,10 @@ def compiled_cpu_kernels(enabled: bool = True) -> Iterator[None]:
 
 def _backend(t: torch.Tensor) -> str:
     """triton, cpu or torch for this tensor."""
-    override = os.environ.get(ELEMENTWISE_ENV, "auto").strip().lower() or "auto"
+    override = dispatch.env_override(ELEMENTWISE_ENV)
     if t.device.type == "cpu" and (override == "cpu" or (override == "auto" and _compiled_cpu)):
         return "cpu"
-    return _implementation(t.device.type, override, os.environ.get("TRITON_INTERPRET", "0"))
+    return dispatch.resolve_cached(t.device.type, override)
 
 
 def _kernel(backend: str, name: str) -> Callable:

@@ -17,8 +17,6 @@ output is the sum over its experts, each scaled by its routing weight. Weights a
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Callable
 
 import torch
@@ -57,17 +55,10 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _implementation(device_type: str, override: str, interpret: str) -> str:
-    # Keyed on the environment's values, so a test that changes them gets a fresh decision.
-    return dispatch.resolve(torch.device(device_type), override)
-
-
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, act_and_mul: ActAndMul) -> torch.Tensor:
     """``fused_moe_ref``'s contract, on the implementation the dispatch rule picks."""
-    override = os.environ.get(MOE_ENV, "auto").strip().lower() or "auto"
-    if _implementation(x.device.type, override, os.environ.get("TRITON_INTERPRET", "0")) == "triton":
+    if dispatch.resolve_cached(x.device.type, dispatch.env_override(MOE_ENV)) == "triton":
         from flotilla.kernels.triton_moe import fused_moe as triton_fused_moe  # Linux-only: import when used
 
         return triton_fused_moe(x, w13, w2, topk_weights, topk_ids, act_and_mul)
