@@ -127,6 +127,8 @@ class LLMEngine:
         max_model_len = args.max_model_len or limit
         if max_model_len > limit:
             raise ValueError(f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings ({limit})")
+        # the model reads the served context where it changes the computation (LongRoPE's factor set)
+        self.model_config.flotilla_max_model_len = max_model_len
         max_batched = args.max_num_batched_tokens or (
             max(2048, args.max_num_seqs) if args.enable_chunked_prefill else max(max_model_len, args.max_num_seqs))
         if not args.enable_chunked_prefill and max_batched < max_model_len:
@@ -143,7 +145,8 @@ class LLMEngine:
         if args.tensor_parallel_size > 1:
             # Ranks 1..N-1 in their own processes, rank 0 here; all load their shard of the same resolved model.
             self.workers = Workers(WorkerSpec(args.tensor_parallel_size, self.source, self.dtype,
-                                              self.device.type, args.block_size, args.seed, kv_args, swap_gib))
+                                              self.device.type, args.block_size, args.seed, kv_args, swap_gib,
+                                              max_model_len))
             if self.device.type == "cpu":
                 torch.set_num_threads(cpu_threads(args.tensor_parallel_size))
             self.workers.join(lambda rendezvous: init_tensor_parallel(0, args.tensor_parallel_size, rendezvous))

@@ -35,6 +35,7 @@ class WorkerSpec:
     seed: int
     kv_blocks_args: dict[str, Any] = field(default_factory=dict)
     swap_space_gib: float | None = None  # preemption_mode="swap": the same host cache on every rank
+    max_model_len: int | None = None  # the served context, as rank 0's model reads it
 
 
 def _die_with_parent() -> None:
@@ -127,6 +128,7 @@ def worker_main(rank: int, rendezvous: str, spec: WorkerSpec) -> None:
     init_tensor_parallel(rank, spec.size, rendezvous)
     try:
         config = load_config(spec.source)
+        config.flotilla_max_model_len = spec.max_model_len
         torch.manual_seed(spec.seed)
         model = load_model(spec.source, config, spec.dtype, device, spec.seed)
         runner = ModelRunner(model, config, device, spec.dtype, spec.block_size, spec.seed)

@@ -91,13 +91,11 @@ def build_tiny(variant: str, folder: Path, tokenizer, **overrides) -> Path:
     """A tiny random model of a TINY_VARIANTS entry (or any transformers ``model_type``), with config overrides."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = {**TINY_VARIANTS.get(variant, {"model_type": variant}), **overrides}
+    spec = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2,
+            "pad_token_id": 2, **TINY_VARIANTS.get(variant, {"model_type": variant}), **overrides}
     model_type = spec.pop("model_type")
-    config = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        **spec,
-    )
+    config = AutoConfig.for_model(model_type, **spec)
     config.architectures = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
                              "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM",
                              "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",

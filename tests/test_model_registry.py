@@ -147,3 +147,48 @@ def assert_prompt_logprobs_match(llm: LLM, folder, length: int = 64) -> None:
         logits = hf_model(folder)(torch.tensor([prompt])).logits[0, :-1]
     theirs = torch.log_softmax(logits.float(), dim=-1)[torch.arange(length - 1), torch.tensor(prompt[1:])]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def _longrope_phi3(tmp_path, tokenizer):
+    """A tiny Phi-3 of the 128k kind: pretrained on 32 positions, extended to 128, with short and long factor sets
+    far enough apart (and an attention factor of sqrt(1 + ln 4 / ln 32)) that a wrong choice shows in every logprob."""
+    rotated = 16 // 2  # hidden 64 / 4 heads
+    scaling = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+               "short_factor": [1.0 + 0.25 * i for i in range(rotated)],
+               "long_factor": [1.0 + 3.0 * i for i in range(rotated)]}
+    return build_tiny("phi3", tmp_path / "phi3-longrope", tokenizer, max_position_embeddings=128,
+                      original_max_position_embeddings=32, rope_parameters=scaling)
+
+
+@pytest.mark.parametrize("max_model_len,tp", [(128, 1), (32, 1), (32, 2)])
+def test_longrope_uses_one_factor_set_chosen_by_the_served_context(tmp_path, tokenizer, max_model_len, tp):
+    """LongRoPE (Phi-3-128k) has a short factor set for the pretrained context and a long one past it. Like vLLM, the
+    engine picks one set for every token by the served context (transformers picks per forward call, which would
+    rotate cached keys and later queries differently once a sequence crosses the threshold). Each choice is checked
+    where transformers makes the same one: a context past 32 (long) against transformers on sequences past 32, a
+    context of 32 (short, on both tensor-parallel ranks) against sequences within it; prompt logprobs at every
+    position, prefill chunks of 24, and greedy decode."""
+    folder = _longrope_phi3(tmp_path, tokenizer)
+    llm = LLM(str(folder), dtype="float32", max_model_len=max_model_len, max_num_batched_tokens=24,
+              tensor_parallel_size=tp)
+    long = max_model_len > 32
+    try:
+        assert_prompt_logprobs_match(llm, folder, length=48 if long else 31)
+        prompt = PROMPT * 5 if long else PROMPT  # 35 tokens: past the threshold from transformers' first call on
+        steps = 40 if long else 32 - len(PROMPT)
+        out = llm.generate({"prompt_token_ids": prompt},
+                           SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True), use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == hf_greedy(folder, prompt, steps)
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_partial_rotary_turns_only_the_first_features_of_each_head(tmp_path, tokenizer):
+    """``partial_rotary_factor`` (Phi-4-mini's 3/4): RoPE turns the first half of each head here, the rest passes
+    through; transformers' prompt logprobs and greedy tokens."""
+    folder = build_tiny("phi3", tmp_path / "phi3-partial", tokenizer, partial_rotary_factor=0.5)
+    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=24)
+    assert_prompt_logprobs_match(llm, folder)
+    out = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(folder, PROMPT, 20)

@@ -38,7 +38,18 @@ def _rope_settings(config: Any, layer: int) -> tuple[float, dict[str, Any] | Non
     if isinstance(params, dict) and "rope_theta" in params:
         scaling = params if params.get("rope_type", "default") != "default" else None
         return float(params["rope_theta"]), scaling
-    return float(getattr(config, "rope_theta", 10000.0)), getattr(config, "rope_scaling", None)
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling and getattr(config, "original_max_position_embeddings", None):  # Phi-3 kept it beside rope_scaling
+        scaling = {"original_max_position_embeddings": config.original_max_position_embeddings, **scaling}
+    return float(getattr(config, "rope_theta", 10000.0)), scaling
+
+
+def _rotary_dim(config: Any, head_dim: int) -> int:
+    """How many features of each head RoPE turns: ``partial_rotary_factor`` of them (Phi-4-mini: 3/4), else all."""
+    params = getattr(config, "rope_parameters", None)
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    factor = factor or getattr(config, "partial_rotary_factor", None) or 1.0
+    return int(head_dim * factor)
 
 
 def layer_window(config: Any, layer: int) -> int | None:
@@ -102,7 +113,10 @@ class LlamaAttention(nn.Module):
             "q": q_rows, "k": (kv_start, kv_size), "v": (kv_start, kv_size)}, bias=qkv_bias)
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=o_bias)
         theta, scaling = _rope_settings(config, layer)
-        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
+        # the served context (``flotilla_max_model_len``, set by the engine) picks LongRoPE's factor set
+        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling,
+                                      _rotary_dim(config, self.head_dim), getattr(config, "flotilla_max_model_len",
+                                                                                  None))
         # Gemma 2/3 scale queries by query_pre_attn_scalar^-0.5 and Gemma 2 soft-caps the scores.
         scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale,

@@ -7,7 +7,9 @@ fork::
 
 The contract a model class meets (``LlamaForCausalLM`` in ``llama.py`` is the worked example):
 
-- ``__init__(config)``: the transformers config; build every parameter on the current default device.
+- ``__init__(config)``: the transformers config; build every parameter on the current default device. The engine
+  sets ``config.flotilla_max_model_len`` (the served context) before, for the models whose computation depends on
+  it (LongRoPE picks its factors by it).
 - ``forward(input_ids, positions) -> hidden``: tokens arrive flattened (``[num_tokens]``, no batch dimension, no
   padding) with their positions; attention goes through ``flotilla.engine.layers.attention.PagedAttention``, which
   reads and writes the paged KV cache. Returns ``[num_tokens, hidden_size]``.
@@ -31,7 +33,7 @@ _BUILTIN: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
-    "Phi3ForCausalLM": LlamaForCausalLM,  # fused qkv/gate_up checkpoints; LongRoPE (the 128k models) not yet
+    "Phi3ForCausalLM": LlamaForCausalLM,  # fused qkv/gate_up checkpoints, LongRoPE (128k), partial rotary (Phi-4-mini)
     "GemmaForCausalLM": LlamaForCausalLM,  # GeGLU, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden_size)
     "Gemma2ForCausalLM": LlamaForCausalLM,  # + sandwich norms, soft-capped scores and logits, alternating windows
     "Gemma3ForCausalLM": LlamaForCausalLM,  # (text) + q/k norms, five windowed layers to one global, RoPE per kind
