@@ -11,7 +11,10 @@ Rules, in order:
    more scale-up) and forbid scaling down altogether (no evidence the fleet is idle);
 3. stabilisation windows: scale down only to the highest recommendation of the last
    scaleDownStabilizationSeconds, scale up only to the lowest of the last scaleUpStabilizationSeconds;
-4. bounds: minReplicas ≤ desired ≤ maxReplicas.
+4. bounds: minReplicas ≤ desired ≤ maxReplicas, and never below 1 on these metrics;
+5. scale to zero (minReplicas 0): only after scaleToZeroAfterSeconds with no request at all (``track_activity``
+   reads the engines' request counters), and a service at zero stays there until a replica is asked for (the
+   router sets spec.replicas through the scale subresource when a request arrives).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ KV_USAGE = "vllm:kv_cache_usage_perc"
 KV_USAGE_DEPRECATED = "vllm:gpu_cache_usage_perc"
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
+REQUESTS = "vllm:request_success_total"
 ENGINE_INFO = "flotilla:engine_info"
 
 
@@ -61,6 +65,7 @@ class EngineSample:
     waiting: float
     running: float
     facts: EngineFacts | None = None
+    requests: float = 0.0  # requests finished since the engine started
 
 
 def _sample_values(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -90,7 +95,7 @@ def parse_metrics(text: str) -> EngineSample:
     return EngineSample(kv_usage=max(v for _, v in kv),
                         waiting=sum(v for _, v in values.get(WAITING, ())),
                         running=sum(v for _, v in values.get(RUNNING, ())),
-                        facts=facts)
+                        facts=facts, requests=sum(v for _, v in values.get(REQUESTS, ())))
 
 
 async def scrape(session: aiohttp.ClientSession, url: str, timeout: float = 3.0) -> EngineSample | None:
@@ -129,6 +134,38 @@ class Decision:
     history: tuple[Recommendation, ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class Activity:
+    """When the fleet last did anything: ``requests`` is the fleet's request count then (finished, running and
+    waiting, summed over pods), ``replicas`` its size then."""
+
+    requests: float
+    since: float
+    replicas: int
+
+    def as_status(self) -> dict[str, float]:
+        return {"requests": self.requests, "since": self.since, "replicas": self.replicas}
+
+    @classmethod
+    def from_status(cls, d: dict | None) -> "Activity | None":
+        if not d:
+            return None
+        return cls(float(d["requests"]), float(d["since"]), int(d["replicas"]))
+
+
+def track_activity(previous: Activity | None, current: int, samples: Sequence[EngineSample | None],
+                   now: float) -> Activity:
+    """The fleet's activity after this scrape. Anything that may mean a request counts as activity: a request in
+    flight, a count that moved (a restarted pod's counter starting over moves it too), a pod that could not be
+    read, or a change of size (a wake from zero starts the clock again)."""
+    seen = [s for s in samples if s is not None]
+    count = sum(s.requests + s.running + s.waiting for s in seen)
+    busy = any(s.running or s.waiting for s in seen) or len(seen) < len(samples)
+    if previous is None or busy or count != previous.requests or current != previous.replicas:
+        return Activity(count, now, current)
+    return previous
+
+
 def _proposal(current: int, average: float, target: float) -> int:
     ratio = average / target
     if abs(ratio - 1.0) <= TOLERANCE:
@@ -137,14 +174,25 @@ def _proposal(current: int, average: float, target: float) -> int:
 
 
 def decide(policy: AutoscalingSpec, current: int, samples: Sequence[EngineSample | None],
-           history: Iterable[Recommendation], now: float) -> Decision:
-    """Desired replicas for a fleet of `current` replicas, given one sample per pod (None: unreachable)."""
+           history: Iterable[Recommendation], now: float, activity: Activity | None = None) -> Decision:
+    """Desired replicas for a fleet of `current` replicas, given one sample per pod (None: unreachable) and, for
+    scale to zero, the fleet's last activity (``track_activity``)."""
     seen = [s for s in samples if s is not None]
     unreachable = len(samples) - len(seen)
     # Keep twice the longest window: an entry older than a window proves the history covers it.
     keep = 2 * max(policy.scale_up_stabilization_seconds, policy.scale_down_stabilization_seconds)
     history = tuple(r for r in history if now - r.time <= keep)
-    lo, hi = policy.min_replicas, policy.max_replicas
+    # Load metrics never take a fleet to zero (an idle engine reads 0% KV cache between requests): only idleness
+    # does, below.
+    lo, hi = max(policy.min_replicas, 1), policy.max_replicas
+    if policy.min_replicas == 0 and current == 0:
+        return Decision(0, "hold", "ScaledToZero", "no replicas until a request arrives (the router asks for one)",
+                        None, history)
+    if policy.min_replicas == 0 and activity is not None and not unreachable and seen:
+        idle = now - activity.since
+        if idle >= policy.scale_to_zero_after_seconds:
+            return Decision(0, "down", "ScaledToZero", f"no request for {idle:.0f}s (scaleToZeroAfterSeconds "
+                            f"{policy.scale_to_zero_after_seconds}); {current} -> 0 replicas", None, ())
 
     if not seen:
         desired = min(max(current, lo), hi)

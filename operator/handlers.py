@@ -18,7 +18,7 @@ import kopf
 
 from flotilla.operator import metrics
 from flotilla.operator.autoscaler import (
-    decide, fleet_status, history_from_status, history_to_status, scrape_all)
+    Activity, decide, fleet_status, history_from_status, history_to_status, scrape_all, track_activity)
 from flotilla.operator.cluster import PLURAL, ApiError, KindNotInstalled, KubeCluster, NotFound, peering_objects
 from flotilla.operator.reconcile import Outcome, reconcile
 from flotilla.operator.render import GROUP, KIND, MANAGED_BY, PORT, VERSION, selector_labels
@@ -156,10 +156,13 @@ async def observe(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: logging
     if not (a.enabled and a.mode == "builtin"):
         return
     previous = (body.get("status") or {}).get("autoscaler") or {}
+    now = time.time()
+    activity = track_activity(Activity.from_status(previous.get("activity")), svc.desired_replicas, samples, now)
     decision = decide(a, svc.desired_replicas, samples,
-                      history_from_status(previous.get("recommendations") or ()), time.time())
+                      history_from_status(previous.get("recommendations") or ()), now, activity)
     patch.status["autoscaler"] = {"reason": decision.reason, "message": decision.message,
-                                  "recommendations": history_to_status(decision.history)}
+                                  "recommendations": history_to_status(decision.history),
+                                  "activity": activity.as_status()}
     patch.status["desiredReplicas"] = decision.desired
     if decision.desired != svc.replicas:
         await asyncio.to_thread(cluster.scale, svc.namespace, svc.name, decision.desired)

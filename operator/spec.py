@@ -111,6 +111,9 @@ class AutoscalingSpec:
     scale_down_stabilization_seconds: int = 300
     #: Prometheus that KEDA queries (mode keda only); the operator's setting is the default.
     prometheus_address: str | None = None
+    #: With minReplicas 0 (builtin mode): no request for this long scales the service to zero; the router holds
+    #: the next request and asks for a replica.
+    scale_to_zero_after_seconds: int = 600
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,7 @@ def _autoscaling(d: Mapping[str, Any]) -> AutoscalingSpec:
         scale_down_stabilization_seconds=_get(
             d, "scaleDownStabilizationSeconds", int, base.scale_down_stabilization_seconds),
         prometheus_address=_opt(d, "prometheusAddress", str),
+        scale_to_zero_after_seconds=_get(d, "scaleToZeroAfterSeconds", int, base.scale_to_zero_after_seconds),
     )
 
 
@@ -282,9 +286,14 @@ def validate(svc: InferenceService) -> None:
     if e.tensor_parallel_size < 1 or e.tensor_parallel_size > max(r.gpus, 1):
         raise SpecError(
             f"engine.tensorParallelSize ({e.tensor_parallel_size}) must be between 1 and resources.gpus ({r.gpus})")
-    if a.min_replicas < 1 or a.min_replicas > a.max_replicas:
+    if a.min_replicas < 0 or a.min_replicas > a.max_replicas:
         raise SpecError(
-            f"autoscaling.minReplicas ({a.min_replicas}) must be >= 1 and <= maxReplicas ({a.max_replicas})")
+            f"autoscaling.minReplicas ({a.min_replicas}) must be >= 0 and <= maxReplicas ({a.max_replicas})")
+    if a.min_replicas == 0 and a.mode != "builtin":
+        raise SpecError("autoscaling.minReplicas 0 (scale to zero) needs mode builtin: the operator scales from zero "
+                        "when the router asks for a replica")
+    if a.scale_to_zero_after_seconds < 30:
+        raise SpecError("autoscaling.scaleToZeroAfterSeconds must be >= 30")
     if not 0 < a.target_kv_cache_utilization < 1:
         raise SpecError(
             f"autoscaling.targetKVCacheUtilization must be in (0, 1), got {a.target_kv_cache_utilization}")

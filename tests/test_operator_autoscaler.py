@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from flotilla.operator.autoscaler import (
-    EngineSample, Recommendation, decide, history_from_status, history_to_status, parse_metrics, scrape_all)
+    Activity, EngineSample, Recommendation, decide, history_from_status, history_to_status, parse_metrics, scrape_all,
+    track_activity)
 from flotilla.operator.spec import AutoscalingSpec
 
 
@@ -24,6 +25,7 @@ class Engine:
     running: float = 4.0
     deprecated_name: bool = False
     mode: str = "ok"
+    finished: dict[str, float] | None = None  # requests finished, by finished_reason
 
 
 def metrics_text(e: Engine) -> bytes:
@@ -35,6 +37,9 @@ def metrics_text(e: Engine) -> bytes:
           ).labels("m").set(e.waiting)
     Gauge("vllm:num_requests_running", "Requests running.", ["model_name"], registry=registry
           ).labels("m").set(e.running)
+    done = Counter("vllm:request_success", "Finished requests.", ["model_name", "finished_reason"], registry=registry)
+    for reason, n in (e.finished or {}).items():
+        done.labels("m", reason).inc(n)
     Gauge("flotilla:engine_info", "Engine facts.",
           ["block_size", "num_gpu_blocks", "max_model_len", "model_load_seconds", "model_name"],
           registry=registry).labels("16", "2048", "8192", "12.5", "m").set(1)
@@ -205,3 +210,43 @@ def test_parse_metrics_rejects_text_without_kv_usage():
         assert "kv_cache_usage_perc" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+ZERO = AutoscalingSpec(enabled=True, min_replicas=0, max_replicas=4, scale_to_zero_after_seconds=600,
+                       scale_down_stabilization_seconds=0)
+
+
+def test_the_request_count_is_read_over_every_finish_reason():
+    (sample,) = scrape([Engine(finished={"stop": 5, "length": 2})])
+    assert sample.requests == 7
+
+
+def test_an_idle_fleet_scales_to_zero_only_after_the_idle_time_and_stays_there():
+    idle = [Engine(kv=0.0, running=0, finished={"stop": 3})] * 2
+    start = track_activity(None, 2, scrape(idle), now=1000)
+    assert start == Activity(6, 1000, 2)
+    # 0% KV cache would make the load rule propose 0: it stops at 1, only idleness reaches 0
+    early = decide(ZERO, 2, scrape(idle), (), now=1599, activity=track_activity(start, 2, scrape(idle), 1599))
+    assert (early.desired, early.direction) == (1, "down")
+    late = decide(ZERO, 2, scrape(idle), (), now=1600, activity=track_activity(start, 2, scrape(idle), 1600))
+    assert (late.desired, late.reason) == (0, "ScaledToZero")
+    at_zero = decide(ZERO, 0, [], (), now=5000, activity=track_activity(start, 0, [], 5000))
+    assert (at_zero.desired, at_zero.direction) == (0, "hold")
+    # minReplicas 1 never goes to zero, however idle
+    assert decide(POLICY, 1, scrape(idle), (), now=10**6, activity=start).desired == 1
+
+
+def test_any_sign_of_a_request_restarts_the_idle_clock():
+    quiet = [Engine(kv=0.0, running=0, finished={"stop": 3})]
+    start = Activity(3, 1000, 1)
+    assert track_activity(start, 1, scrape(quiet), 1500) == start  # nothing happened: the clock runs on
+    for why, engines, replicas in [
+        ("a request finished", [Engine(kv=0.0, running=0, finished={"stop": 4})], 1),
+        ("one is running", [Engine(kv=0.1, running=1, finished={"stop": 3})], 1),
+        ("one is waiting", [Engine(kv=0.0, running=0, waiting=1, finished={"stop": 2})], 1),
+        ("a pod cannot be read", quiet + [None], 1),
+        ("woken from zero", quiet, 2),
+    ]:
+        after = track_activity(start, replicas, scrape(engines), 1500)
+        assert after.since == 1500, why
+        assert decide(ZERO, replicas, scrape(engines), (), now=1500 + 599, activity=after).desired >= 1, why

@@ -167,6 +167,10 @@ INVALID = [
     ("revision twice", lambda b: b["spec"]["model"].update(uri="org/model@v1", revision="v2"),
      "revision applies to a Hugging Face repo"),
     ("credentials without a name", lambda b: b["spec"]["model"].update(credentialsSecretRef={}), "name"),
+    ("scale to zero under the hpa", lambda b: b["spec"].update(autoscaling={"mode": "hpa", "minReplicas": 0}),
+     "minReplicas 0 (scale to zero) needs mode builtin"),
+    ("a too short idle time", lambda b: b["spec"].update(autoscaling={"minReplicas": 0, "scaleToZeroAfterSeconds": 5}),
+     "scaleToZeroAfterSeconds"),
 ]
 
 
@@ -184,6 +188,7 @@ VALID_EDGES = [
     ("cpu only", {"resources": {"gpus": 0}}),
     ("util exactly 0.95", {"engine": {"gpuMemoryUtilization": 0.95}}),
     ("min equals max", {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 3}}),
+    ("scale to zero", {"autoscaling": {"enabled": True, "minReplicas": 0, "scaleToZeroAfterSeconds": 30}}),
     ("chunked prefill lifts the batched-token rule",
      {"engine": {"maxModelLen": 8192, "maxNumBatchedTokens": 2048}}),
     ("quantities as ints and strings", {"shmSize": 2147483648, "resources": {"memory": "16Gi", "cpu": 4}}),
@@ -204,7 +209,8 @@ def test_edge_values_are_admitted(label, spec):
 OPERATOR_CHECKED = {"min above max", "gpu util over 0.95", "gpu util zero", "gpu util one (an int)",
                     "target kv 1", "target kv 0", "tp above gpus", "tp without gpus", "bad mode",
                     "negative replicas", "bad pvc uri", "no model", "zero waiting target",
-                    "revision of an s3 model", "revision twice"}
+                    "revision of an s3 model", "revision twice", "scale to zero under the hpa",
+                    "a too short idle time"}
 
 
 @pytest.mark.parametrize("label,mutate", [(i[0], i[1]) for i in INVALID if i[0] in OPERATOR_CHECKED],
