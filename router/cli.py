@@ -14,7 +14,7 @@ import os
 import sys
 
 from flotilla.router.app import Router, RouterConfig
-from flotilla.router.backends import StaticBackends
+from flotilla.router.backends import Backends, StaticBackends
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--backend", action="append", default=[], metavar="NAME=URL[,URL...]",
                    help="a served model name and its replicas' base URLs (repeatable)")
+    p.add_argument("--kubernetes", action="store_true",
+                   help="route to the InferenceServices of the cluster (their EndpointSlices), and wake those "
+                        "scaled to zero; in a pod, its service account's credentials, else the kubeconfig")
+    p.add_argument("--namespace", default=None,
+                   help="with --kubernetes: only this namespace's InferenceServices (default: every namespace)")
+    p.add_argument("--refresh-interval", type=float, default=5.0,
+                   help="with --kubernetes: seconds between reads of the cluster (0.5 while requests are held)")
     p.add_argument("--api-key", default=None, help="also read from FLOTILLA_API_KEY or VLLM_API_KEY; checked here "
                    "and passed on to the engines")
     p.add_argument("--prefix-chars", type=int, default=d.prefix_chars,
@@ -51,11 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    backends: Backends
     try:
         config = config_from(ns)
-        if not ns.backend:
-            raise ValueError("no models to route to: give --backend NAME=URL[,URL...]")
-        backends = StaticBackends.parse(ns.backend)
+        if ns.kubernetes == bool(ns.backend):
+            raise ValueError("give --backend NAME=URL[,URL...] (a fixed fleet) or --kubernetes (the cluster's), "
+                             "one of the two")
+        if ns.kubernetes:
+            from flotilla.router.kubernetes import KubernetesBackends
+
+            backends = KubernetesBackends(ns.namespace, ns.refresh_interval)
+        else:
+            backends = StaticBackends.parse(ns.backend)
     except ValueError as e:
         print(f"flotilla router: {e}", file=sys.stderr)
         return 2

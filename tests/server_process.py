@@ -23,18 +23,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def host_address() -> str:
+    """This machine's own IPv4 address off loopback (an EndpointSlice may not point into 127.0.0.0/8): the source
+    address of a route out, which needs no packet sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the routing table is consulted
+        address = s.getsockname()[0]
+    if address.startswith("127."):
+        raise RuntimeError("this machine has no IPv4 address off loopback")
+    return address
+
+
 class ServerProcess:
     """``launcher`` replaces ``-m flotilla.engine.serve`` (a script that injects a fault, then serves);
     ``clean_env`` runs it with ``env`` alone instead of ``env`` over this process's environment."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None,
-                 clean_env: bool = False) -> None:
+                 clean_env: bool = False, host: str = "127.0.0.1") -> None:
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.base = f"http://{host}:{self.port}"
         self.log = open(ROOT / ".pytest_cache" / f"server-{self.port}.log", "w") if (ROOT / ".pytest_cache").exists() \
             else subprocess.DEVNULL
         entry = launcher or ["-m", "flotilla.engine.serve"]
-        cmd = [sys.executable, *entry, *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [sys.executable, *entry, *args, "--host", host, "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd="/",
                                      env=dict(env or {}) if clean_env else {**os.environ, **(env or {})})
 

@@ -150,9 +150,9 @@ def served_counts(engines) -> list[float]:
     return [engine_metric(e, "vllm:request_success_total") for e in engines]
 
 
-def start_engine(folder) -> ServerProcess:
+def start_engine(folder, host: str = "127.0.0.1") -> ServerProcess:
     return ServerProcess([str(folder), "--dtype", "float32", "--served-model-name", "tiny", "--max-model-len", "512"],
-                         env={"FLOTILLA_API_KEY": KEY, "TRITON_INTERPRET": "0"})
+                         env={"FLOTILLA_API_KEY": KEY, "TRITON_INTERPRET": "0"}, host=host)
 
 
 @pytest.fixture(scope="module")
