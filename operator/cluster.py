@@ -29,6 +29,12 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # the shared model cache's loader Jobs (model_cache.py): created once, owners added, failed ones replaced
     ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),
     ("", "pods", ("get", "list", "watch")),
+    # the namespace's router (router_objects.py): its account, and a Role holding what the router calls (which the
+    # operator must hold itself to grant)
+    ("", "serviceaccounts", ("get", "patch", "create")),
+    ("rbac.authorization.k8s.io", "roles", ("get", "patch", "create")),
+    ("rbac.authorization.k8s.io", "rolebindings", ("get", "patch", "create")),
+    ("discovery.k8s.io", "endpointslices", ("list",)),
     ("", "configmaps", ("get",)),
     ("", "nodes", ("list",)),
     ("", "events", ("create", "patch")),
@@ -78,6 +84,7 @@ class Cluster(Protocol):
     def config_map_json(self, namespace: str, name: str, key: str) -> dict[str, Any]: ...
     def node_labels(self, node_selector: Mapping[str, str]) -> list[dict[str, str]]: ...
     def pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]: ...
+    def inference_services(self, namespace: str) -> list[dict[str, Any]]: ...
 
 
 def label_selector(labels: Mapping[str, str]) -> str:
@@ -188,6 +195,9 @@ class KubeCluster:
         """Set replicas through the scale subresource, exactly as `kubectl scale` and the HPA do."""
         self._call(self._custom.patch_namespaced_custom_object_scale, GROUP, VERSION, namespace, PLURAL, name,
                    {"spec": {"replicas": replicas}})
+
+    def inference_services(self, namespace: str) -> list[dict[str, Any]]:
+        return self._call(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)["items"]
 
     def get_service(self, namespace: str, name: str) -> dict[str, Any]:
         return self._call(self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)

@@ -13,6 +13,7 @@ from flotilla.operator import fit
 from flotilla.operator.cluster import ApiError, Cluster, KindNotInstalled, NotFound, label_selector
 from flotilla.operator.model_cache import LOADER_LABEL, CacheState, cache_state, needs_loader
 from flotilla.operator.render import render_children, render_loader_job, selector_labels
+from flotilla.operator.router_objects import render_router, router_url
 from flotilla.operator.settings import OperatorSettings
 from flotilla.operator.spec import InferenceService, SpecError, parse_service
 from flotilla.operator.status import DeploymentState, Observation, pod_problems, status_patch
@@ -73,6 +74,9 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
         endpoint = svc.endpoint if svc else ""
         out.status.update(status_patch(Observation(generation, desired, state, problems, problem, cache),
                                        previous, now, endpoint, selector))
+        router = {"namespace": router_url(namespace), "cluster": settings.router_url}.get(settings.router_mode)
+        if router:
+            out.status["routerURL"] = router
         return out
 
     def fail(svc: InferenceService | None, deployment: Mapping[str, Any] | None, reason: str, message: str,
@@ -122,6 +126,9 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
                 deployment = applied
         for api_version, kind in absent:
             cluster.delete(api_version, kind, svc.namespace, svc.name)
+        if settings.router_mode == "namespace":
+            for obj in render_router(svc.namespace, settings.router_image, cluster.inference_services(svc.namespace)):
+                cluster.apply(obj)
     except KindNotInstalled as e:
         return fail(svc, deployment, "KindNotInstalled", f"{e}; install it or choose another autoscaling.mode",
                     False, 60)

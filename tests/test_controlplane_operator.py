@@ -4,6 +4,7 @@ repairing, scaling, surviving restarts and being garbage-collected. No nodes: po
 all the children need."""
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -331,6 +332,47 @@ def test_the_scale_subresource_reaches_the_deployment_and_the_pdb_follows(kube, 
     wait_for(lambda: not kube.exists(kube.policy.read_namespaced_pod_disruption_budget, "scaled"),
              what="PDB deleted at 1 replica")
     assert kube.deployment("scaled")["spec"]["replicas"] == 1
+
+
+def test_the_namespace_router_is_rendered_and_its_own_account_can_route_and_wake(kube, operator, control_plane):  # noqa: F811
+    """The operator runs the router beside the services (FLOTILLA_ROUTER=namespace, the default): its Deployment,
+    Service, account, Role and RoleBinding, owned by the service, and status names it. Then the router's discovery
+    runs as that very service account (a token from the TokenRequest API, RBAC on): it may list the services and
+    their EndpointSlices and wake one scaled to zero, which proves the Role grants enough."""
+    import kubernetes
+
+    from flotilla.operator.router_objects import ROUTER_NAME
+    from flotilla.router.kubernetes import KubernetesBackends
+
+    body = cpu_service("routed", replicas=0)
+    body["spec"]["model"]["servedModelName"] = "routed-model"
+    isvc = kube.create_isvc(body)
+    wait_for(lambda: kube.isvc("routed").get("status", {}).get("routerURL") ==
+             f"http://{ROUTER_NAME}.{NS}.svc:8000/v1", what="status.routerURL")
+    dep = wait_for(lambda: kube.deployment(ROUTER_NAME), what="the router Deployment")
+    assert any(r["uid"] == isvc["metadata"]["uid"] for r in dep["metadata"]["ownerReferences"])
+    assert container(dep)["args"][:3] == ["--kubernetes", "--namespace", NS]
+    assert kube.core.read_namespaced_service(ROUTER_NAME, NS).spec.ports[0].port == 8000
+    token = kube.core.create_namespaced_service_account_token(
+        ROUTER_NAME, NS, {"spec": {"expirationSeconds": 600}}).status.token
+    config = kubernetes.client.Configuration()
+    config.host = control_plane.server
+    config.ssl_ca_cert = str(control_plane.workdir / "ca.crt")
+    config.api_key = {"authorization": f"Bearer {token}"}
+    backends = KubernetesBackends(NS, api_client=kubernetes.client.ApiClient(config))
+    backends.refresh()  # lists InferenceServices and EndpointSlices as the router's account
+    assert backends.replicas("routed-model") == ()  # known, no ready replica
+
+    async def wake() -> None:
+        await backends.start()
+        try:
+            await backends.wake("routed-model")
+        finally:
+            await backends.stop()
+
+    asyncio.run(wake())
+    assert kube.isvc("routed")["spec"]["replicas"] == 1  # through the scale subresource, as the router's account
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "routed")
 
 
 def test_deleting_the_service_garbage_collects_every_child(kube, operator):

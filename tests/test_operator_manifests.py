@@ -179,3 +179,31 @@ def test_python_m_flotilla_operator_starts_without_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--all-namespaces" in result.stdout and "--namespace" in result.stdout
+
+
+def _granted(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_the_router_is_granted_exactly_what_it_calls_in_both_modes():
+    """The cluster-wide router's ClusterRole (manifests/router/) and the Role the operator renders per namespace
+    hold the same rules, ROUTER_RBAC_RULES; the operator holds every one of them (RBAC lets no one grant more than
+    it has)."""
+    from flotilla.operator.router_objects import ROUTER_RBAC_RULES, render_router
+
+    needed = {(g, r, v) for g, r, verbs in ROUTER_RBAC_RULES for v in verbs}
+    cluster_role = next(o for o in kustomize(MANIFESTS / "router") if o["kind"] == "ClusterRole")
+    assert _granted(cluster_role["rules"]) == needed
+    owner = {"metadata": {"name": "chat", "uid": "u"}}
+    role = next(o for o in render_router("ns", "img", [owner]) if o["kind"] == "Role")
+    assert _granted(role["rules"]) == needed
+    assert needed <= _granted(_by_kind("ClusterRole", "flotilla-operator")["rules"])
+    for obj in render_router("ns", "img", [owner]):
+        assert k8s_errors(obj) == [], obj["kind"]
+    deployment = next(o for o in kustomize(MANIFESTS / "router") if o["kind"] == "Deployment")
+    from flotilla.router.cli import add_arguments
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert args.kubernetes and args.namespace is None and args.port == 8000

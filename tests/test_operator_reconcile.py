@@ -13,20 +13,26 @@ from flotilla.operator.settings import OperatorSettings
 from operator_fixtures.oracle import load_yaml_docs, model_config, ROOT, schema_errors
 
 NOW = "2025-01-01T00:00:00Z"
-SETTINGS = OperatorSettings(engine_image="registry.local/engine:test", prometheus_address="http://prom:9090")
+SETTINGS = OperatorSettings(engine_image="registry.local/engine:test", prometheus_address="http://prom:9090",
+                            router_mode="off")  # the engine's children alone; the router has its own tests below
 
 
 class MemoryCluster:
     """Objects keyed by (kind, namespace, name); kinds outside `served` are 'not installed'."""
 
     def __init__(self, nodes=(), config_maps=None, served=("Service", "Deployment", "PodDisruptionBudget",
-                                                             "HorizontalPodAutoscaler"), deployment_status=None):
+                                                             "HorizontalPodAutoscaler"), deployment_status=None,
+                 inference_services=()):
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.deleted: list[tuple[str, str]] = []
         self.nodes = list(nodes)
         self.config_maps = config_maps or {}
         self.served = served
         self.deployment_status = deployment_status or {}
+        self.services = list(inference_services)
+
+    def inference_services(self, namespace: str) -> list[dict[str, Any]]:
+        return [b for b in self.services if b["metadata"]["namespace"] == namespace]
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         if obj["kind"] not in self.served:
@@ -239,3 +245,41 @@ def test_a_job_that_failed_for_good_degrades_the_service_and_is_replaced_later()
     later = reconcile(body(CACHED), cluster, SETTINGS, "2025-01-01T00:05:00Z")
     assert ("Job", name) in cluster.deleted and "status" not in loader_jobs(cluster)[0]  # a fresh Job
     assert conditions(later)["ModelCached"] == ("False", "Pending")
+
+
+ROUTER_KINDS = ("Service", "Deployment", "PodDisruptionBudget", "ServiceAccount", "Role", "RoleBinding")
+
+
+def test_the_namespace_router_is_owned_by_every_service_of_the_namespace_and_named_in_status():
+    from flotilla.operator.router_objects import ROUTER_NAME
+
+    settings = OperatorSettings(engine_image="e", router_mode="namespace", router_image="registry.local/op:1")
+    spec = {"model": {"uri": "/models/tiny"}, "resources": {"gpus": 0}}
+    chat, code = body(spec, "chat"), body(spec, "code")
+    code["metadata"]["uid"] = "u-2"
+    cluster = MemoryCluster(served=ROUTER_KINDS, inference_services=[chat, code])
+    outcome = reconcile(chat, cluster, settings, NOW)
+    assert outcome.error is None and outcome.status["routerURL"] == "http://flotilla-router.ns.svc:8000/v1"
+    for kind in ("ServiceAccount", "Role", "RoleBinding", "Deployment", "Service"):
+        obj = cluster.objects[(kind, "ns", ROUTER_NAME)]
+        assert [r["uid"] for r in obj["metadata"]["ownerReferences"]] == ["u-1", "u-2"], kind
+        assert not any(r["controller"] for r in obj["metadata"]["ownerReferences"])
+    dep = cluster.objects[("Deployment", "ns", ROUTER_NAME)]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "registry.local/op:1" and c["command"] == ["flotilla", "router"]
+    assert c["args"][:3] == ["--kubernetes", "--namespace", "ns"]
+    assert schema_errors(chat | {"status": outcome.status}) == []
+    # a service being deleted no longer owns it
+    code["metadata"]["deletionTimestamp"] = NOW
+    reconcile(chat, cluster, settings, NOW)
+    assert [r["uid"] for r in cluster.objects[("Deployment", "ns", ROUTER_NAME)]["metadata"]["ownerReferences"]] \
+        == ["u-1"]
+
+
+def test_a_cluster_router_is_named_in_status_and_nothing_is_rendered_for_it():
+    settings = OperatorSettings(engine_image="e", router_mode="cluster",
+                                router_url="http://flotilla-router.flotilla-system.svc:8000/v1")
+    cluster = MemoryCluster(served=ROUTER_KINDS)
+    outcome = reconcile(body({"model": {"uri": "/models/tiny"}, "resources": {"gpus": 0}}), cluster, settings, NOW)
+    assert outcome.status["routerURL"] == "http://flotilla-router.flotilla-system.svc:8000/v1"
+    assert {k[0] for k in cluster.objects} == {"Service", "Deployment"}
