@@ -72,7 +72,9 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
                 problems = ()
         selector = label_selector(selector_labels(svc)) if svc else ""
         endpoint = svc.endpoint if svc else ""
-        out.status.update(status_patch(Observation(generation, desired, state, problems, problem, cache),
+        wakes = bool(svc and svc.autoscaling.enabled and svc.autoscaling.min_replicas == 0
+                     and settings.router_mode != "off")
+        out.status.update(status_patch(Observation(generation, desired, state, problems, problem, cache, wakes),
                                        previous, now, endpoint, selector))
         router = {"namespace": router_url(namespace), "cluster": settings.router_url}.get(settings.router_mode)
         if router:

@@ -85,6 +85,8 @@ class Observation:
     spec_problem: tuple[str, str] | None = None
     #: The shared model cache, when a loader Job fills one; the spec rolls out once it is ready.
     model_cache: CacheState | None = None
+    #: Scaled to zero on purpose (minReplicas 0) with a router in front, which starts a replica on a request.
+    wakes_on_request: bool = False
 
     @property
     def waiting_for_cache(self) -> bool:
@@ -120,6 +122,8 @@ def _ready(o: Observation) -> tuple[str, str, str]:
         if ready >= o.desired_replicas:
             return "True", "AllReplicasReady", f"{ready}/{o.desired_replicas} replicas ready"
         return "True", "PartiallyReady", f"{ready}/{o.desired_replicas} replicas ready; serving"
+    if o.desired_replicas == 0 and o.wakes_on_request:
+        return "True", "ScaledToZero", "no replica while idle; the router starts one on the next request"
     if o.desired_replicas == 0:
         return "False", "ScaledToZero", "replicas is 0"
     if o.spec_problem and d is None:

@@ -283,3 +283,13 @@ def test_a_cluster_router_is_named_in_status_and_nothing_is_rendered_for_it():
     outcome = reconcile(body({"model": {"uri": "/models/tiny"}, "resources": {"gpus": 0}}), cluster, settings, NOW)
     assert outcome.status["routerURL"] == "http://flotilla-router.flotilla-system.svc:8000/v1"
     assert {k[0] for k in cluster.objects} == {"Service", "Deployment"}
+
+
+def test_a_service_scaled_to_zero_behind_a_router_is_ready_with_no_engine_pod():
+    spec = {"model": {"uri": "/models/tiny"}, "resources": {"gpus": 0}, "replicas": 0,
+            "autoscaling": {"enabled": True, "minReplicas": 0}}
+    for mode, ready in (("namespace", "True"), ("off", "False")):
+        cluster = MemoryCluster(served=ROUTER_KINDS, inference_services=[body(spec)])
+        outcome = reconcile(body(spec), cluster, OperatorSettings(engine_image="e", router_mode=mode), NOW)
+        assert cluster.objects[("Deployment", "ns", "chat")]["spec"]["replicas"] == 0
+        assert conditions(outcome)["Ready"] == (ready, "ScaledToZero"), mode

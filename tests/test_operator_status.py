@@ -129,3 +129,14 @@ def test_status_patch_is_valid_against_the_crd_status_schema():
     assert schema_errors(apply_defaults(crd_schema(), body)) == []
     assert patch["observedGeneration"] == 3 and patch["readyReplicas"] == 2
     assert {c["type"] for c in patch["conditions"]} == {"Ready", "Progressing", "Degraded"}
+
+
+def test_zero_replicas_is_ready_only_when_a_router_will_start_one():
+    """Scaled to zero on purpose (minReplicas 0, a router in front) is Ready: a request will be served (after a
+    start). Zero replicas with nothing to wake them is not."""
+    idle = dep(replicas=0, ready=0, updated=0)
+    assert conds(Observation(1, 0, idle, wakes_on_request=True)) == {
+        "Ready": ("True", "ScaledToZero"), "Progressing": ("False", "Stable"), "Degraded": ("False", "AsExpected")}
+    assert conds(Observation(1, 0, idle))["Ready"] == ("False", "ScaledToZero")
+    # once woken, it is starting like any service
+    assert conds(Observation(1, 1, dep(replicas=1, ready=0, updated=1), wakes_on_request=True))["Ready"][0] == "False"
