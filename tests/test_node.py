@@ -335,6 +335,32 @@ def test_a_deleted_pod_and_a_deleted_service_come_back(node):
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def test_an_idle_service_scales_to_zero_and_the_router_brings_it_back_for_a_held_request(node):
+    """minReplicas 0: after scaleToZeroAfterSeconds without a request the operator scales the service to zero (Ready
+    stays True: the router will wake it). A chat sent to the namespace's router (rendered by the operator, named
+    in status.routerURL) is held while the router asks for a replica, and answered once the pod is Ready."""
+    import time
+
+    kubectl("patch", "inferenceservice", NAME, "--type", "merge", "-p", json.dumps(
+        {"spec": {"autoscaling": {"minReplicas": 0, "scaleToZeroAfterSeconds": 30}}}))
+    router = f"http://flotilla-router.{NS}.svc:8000/v1"
+    assert wait_for(lambda: isvc()["status"].get("routerURL"), timeout=60, what="status.routerURL") == router
+    kubectl("rollout", "status", "deployment/flotilla-router", "-n", NS, "--timeout=300s", timeout=320)
+    wait_for(lambda: isvc()["spec"].get("replicas") == 0, timeout=300,
+             what=f"the idle service to scale to zero (autoscaler: {isvc().get('status', {}).get('autoscaler')})")
+    wait_for(lambda: get("pods", selector=ENGINE)["items"] == [], timeout=300, what="the last engine pod to go")
+    ready = condition(isvc(), "Ready")
+    assert (ready.get("status"), ready.get("reason")) == ("True", "ScaledToZero")
+    ip = get("service", "flotilla-router")["spec"]["clusterIP"]
+    start = time.monotonic()
+    reply = client(f"http://{ip}:8000/v1").with_options(timeout=600).chat.completions.create(
+        model=NAME, max_tokens=8, messages=[{"role": "user", "content": "Are you awake?"}])
+    cold_start = time.monotonic() - start
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert isvc()["spec"]["replicas"] == 1 and len(ready_pods()) == 1
+    print(f"scale from zero through the router on the node: first answer after {cold_start:.1f}s")
+
+
 def test_deleting_the_service_removes_everything_it_owned(node):
     kubectl("delete", "inferenceservice", NAME, "-n", NS, "--wait=true", timeout=300)
     for kind in ("deployment", "service", "poddisruptionbudget"):
