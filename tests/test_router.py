@@ -291,13 +291,21 @@ class ScaleFromZero(Backends):
     def __init__(self, folder) -> None:
         super().__init__({"tiny": []})
         self.folder = folder
-        self.wakes = 0
-        self.engine: ServerProcess | None = None
+        self.started: list[ServerProcess] = []  # every engine a wake started (one, unless wakes were repeated)
+
+    @property
+    def wakes(self) -> int:
+        return len(self.started)
+
+    @property
+    def engine(self) -> ServerProcess:
+        return self.started[0]
 
     async def wake(self, model: str) -> None:
-        self.wakes += 1
-        self.engine = await asyncio.to_thread(lambda: start_engine(self.folder).wait_ready())
-        self.set_replicas(model, [self.engine.base])
+        engine = start_engine(self.folder)
+        self.started.append(engine)
+        await asyncio.to_thread(engine.wait_ready)
+        self.set_replicas(model, [engine.base])
 
 
 def test_requests_for_a_model_scaled_to_zero_are_held_until_a_replica_is_ready(tiny_llama):
@@ -318,8 +326,8 @@ def test_requests_for_a_model_scaled_to_zero_are_held_until_a_replica_is_ready(t
         assert engine_metric(backends.engine, "vllm:request_success_total") == 3
     finally:
         running.close()
-        if backends.engine is not None:
-            backends.engine.stop()
+        for engine in backends.started:
+            engine.stop()
 
 
 @pytest.mark.parametrize("max_held,reason", [(0, "queue_full"), (8, "timeout")])
