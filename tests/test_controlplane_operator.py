@@ -75,15 +75,19 @@ class Kube:
             raise
 
 
-@pytest.fixture(scope="module")
-def kube(control_plane: ControlPlane) -> Kube:  # noqa: F811
+def kube_with_namespace(control_plane: ControlPlane, namespace: str) -> Kube:  # noqa: F811
     kube = Kube(control_plane)
     try:
-        kube.core.create_namespace({"metadata": {"name": NS}})
+        kube.core.create_namespace({"metadata": {"name": namespace}})
     except kube.ApiException as e:
         if e.status != 409:
             raise
     return kube
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane: ControlPlane) -> Kube:  # noqa: F811
+    return kube_with_namespace(control_plane, NS)
 
 
 class Operator:

@@ -14,7 +14,7 @@ import pytest
 from controlplane import ControlPlane, control_plane, wait_for  # noqa: F401  (fixture)
 from flotilla.router.app import RouterConfig
 from flotilla.router.kubernetes import KubernetesBackends
-from test_controlplane_operator import PLURAL, Kube, cpu_service
+from test_controlplane_operator import PLURAL, Kube, cpu_service, kube_with_namespace
 from server_process import host_address
 from test_router import KEY, RunningRouter, chat, engine_metric, start_engine
 from flotilla.operator.render import GROUP, VERSION
@@ -25,13 +25,7 @@ NS = "flotilla-router"
 
 @pytest.fixture(scope="module")
 def kube(control_plane: ControlPlane) -> Kube:  # noqa: F811
-    kube = Kube(control_plane)
-    try:
-        kube.core.create_namespace({"metadata": {"name": NS}})
-    except kube.ApiException as e:
-        if e.status != 409:
-            raise
-    return kube
+    return kube_with_namespace(control_plane, NS)
 
 
 def service(name: str, model: str, replicas: int) -> dict:
