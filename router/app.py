@@ -39,12 +39,14 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 class RouterConfig:
     api_key: str | None = None
     prefix_chars: int = 256  # how much of the prompt the routing key is
-    load_bound: float = 1.25  # no replica above this times the mean in-flight load
+    load_bound: float = 1.25  # no replica above this times the mean in-flight load ...
+    load_floor: int = 4  # ... once it holds more than this many (a few more batch nearly free; a spill is a cold prefill)
     hold_timeout: float = 600.0  # seconds a request waits for a model scaled to zero
     max_held: int = 256  # held requests per model before a 503
     retry_after: int = 30  # the Retry-After of a 503
     scrape_interval: float = 5.0  # seconds between reads of the engines' /metrics
     connect_timeout: float = 5.0
+    read_timeout: float = 600.0  # seconds a replica may stay silent mid-request before the router gives up on it
     eject_seconds: float = 10.0  # a replica that refused a connection is left out this long
 
 
@@ -59,7 +61,8 @@ class Router:
     def __init__(self, backends: Backends, config: RouterConfig) -> None:
         self.backends = backends
         self.config = config
-        self.balancer = Balancer(bound=config.load_bound, eject_seconds=config.eject_seconds)
+        self.balancer = Balancer(bound=config.load_bound, floor=config.load_floor,
+                                 eject_seconds=config.eject_seconds)
         self.metrics = RouterMetrics()
         self.held: dict[str, int] = {}
         self.session: aiohttp.ClientSession | None = None
@@ -70,7 +73,8 @@ class Router:
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
     async def on_startup(self, _: web.Application) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
+                                        sock_read=self.config.read_timeout)
         self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
         await self.backends.start()
         self._scraper = asyncio.create_task(self._scrape_forever())
@@ -145,10 +149,17 @@ class Router:
         self.held[model] = self.held.get(model, 0) + 1
         self.metrics.queue_length.labels(model).set(self.held[model])
         start = time.monotonic()
+        waiting = asyncio.ensure_future(self.backends.wait_for_replicas(model, self.config.hold_timeout))
         try:
-            self._wake(model)
-            replicas = await self.backends.wait_for_replicas(model, self.config.hold_timeout)
+            waking = self._wake(model)
+            await asyncio.wait({waiting, waking}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done() and not waking.cancelled() and waking.exception() is not None:
+                # the ask failed (RBAC, the service gone): waiting longer would only end in the same 503
+                self.metrics.rejected.labels(model, "wake_failed").inc()
+                return error(503, f"{model}: could not ask for a replica: {waking.exception()}", headers=retry)
+            replicas = await waiting
         finally:
+            waiting.cancel()
             self.held[model] -= 1
             self.metrics.queue_length.labels(model).set(self.held[model])
         if not replicas:
@@ -158,10 +169,11 @@ class Router:
         self.metrics.hold_seconds.labels(model).observe(time.monotonic() - start)
         return replicas
 
-    def _wake(self, model: str) -> None:
-        """Ask the backends for a replica of ``model``, once while an ask is under way."""
+    def _wake(self, model: str) -> asyncio.Task:
+        """The ask to the backends for a replica of ``model``: one while an ask is under way (its outcome is shared
+        by every request held meanwhile), a new one after it ended."""
         if (task := self._waking.get(model)) is not None and not task.done():
-            return
+            return task
 
         def done(t: asyncio.Task) -> None:
             if not t.cancelled() and t.exception() is not None:
@@ -169,6 +181,7 @@ class Router:
 
         self._waking[model] = task = asyncio.create_task(self.backends.wake(model))
         task.add_done_callback(done)
+        return task
 
     async def _forward(self, request: web.Request, model: str, raw: bytes, key: str) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}

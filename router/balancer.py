@@ -27,6 +27,7 @@ class Choice:
 @dataclass
 class Balancer:
     bound: float = 1.25
+    floor: int = 1
     eject_seconds: float = 10.0
     clock: Callable[[], float] = time.monotonic
     in_flight: dict[str, int] = field(default_factory=dict)
@@ -51,7 +52,7 @@ class Balancer:
         """A replica for a request with routing ``key`` (a prompt prefix, or ""), not one in ``tried``."""
         exclude = self.ejected(replicas) | tried
         if key:
-            picked = chwbl.choose(self._ring(replicas), key, self.in_flight, self.bound, exclude)
+            picked = chwbl.choose(self._ring(replicas), key, self.in_flight, self.bound, exclude, self.floor)
             if picked is None:
                 return None
             return Choice(picked[0], "affinity" if picked[1] else "spill")

@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="characters of the prompt that pick the replica (requests sharing them share a replica)")
     p.add_argument("--load-bound", type=float, default=d.load_bound,
                    help="no replica takes more than this times the mean in-flight load (>= 1)")
+    p.add_argument("--load-floor", type=int, default=d.load_floor,
+                   help="in-flight requests a replica may always take before the load bound applies")
+    p.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                   help="seconds a replica may stay silent mid-request before the router gives up on it")
     p.add_argument("--hold-timeout", type=float, default=d.hold_timeout,
                    help="seconds a request waits for a model with no ready replica before a 503")
     p.add_argument("--max-held", type=int, default=d.max_held, help="requests held per model before a 503")
@@ -46,11 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from(ns: argparse.Namespace) -> RouterConfig:
     if ns.load_bound < 1:
         raise ValueError(f"--load-bound {ns.load_bound}: must be at least 1")
-    if ns.prefix_chars < 1 or ns.max_held < 0 or ns.hold_timeout < 0 or ns.scrape_interval <= 0:
-        raise ValueError("--prefix-chars, --max-held, --hold-timeout and --scrape-interval must be positive")
+    if (ns.prefix_chars < 1 or ns.load_floor < 1 or ns.max_held < 0 or ns.hold_timeout < 0
+            or ns.scrape_interval <= 0 or ns.read_timeout <= 0):
+        raise ValueError("--prefix-chars, --load-floor, --max-held, --hold-timeout, --read-timeout and "
+                         "--scrape-interval must be positive")
     key = ns.api_key or os.environ.get("FLOTILLA_API_KEY") or os.environ.get("VLLM_API_KEY") or None
     return RouterConfig(api_key=key, prefix_chars=ns.prefix_chars, load_bound=ns.load_bound,
-                        hold_timeout=ns.hold_timeout, max_held=ns.max_held, scrape_interval=ns.scrape_interval)
+                        hold_timeout=ns.hold_timeout, max_held=ns.max_held, scrape_interval=ns.scrape_interval,
+                        load_floor=ns.load_floor, read_timeout=ns.read_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,5 +27,5 @@ class RouterMetrics:
                                       "How long requests were held before a replica took them.", ["model"],
                                       buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r)
         self.rejected = Counter("flotilla_router_rejected_requests",
-                                "Held requests answered 503 (reason: timeout or queue_full).", ["model", "reason"],
+                                "Held requests answered 503 (reason: timeout, queue_full, wake_failed).", ["model", "reason"],
                                 registry=r)

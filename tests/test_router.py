@@ -68,6 +68,20 @@ def test_bounded_loads_hold_every_replica_within_the_bound_and_spill_in_ring_ord
     assert chwbl.choose(ring, "hot", {}, 1.25, exclude=frozenset(replicas)) is None
 
 
+def test_below_the_floor_a_key_stays_home_however_uneven_the_load():
+    """With a floor of 4, a hot key's own replica takes 4 in flight while the others are idle (plain CHWBL spills
+    the third on 2 replicas); past the floor the bound applies again."""
+    ring = chwbl.build_ring(["a", "b"])
+    home, other = chwbl.walk(ring, "hot")
+    loads = {home: 0, other: 0}
+    for _ in range(4):
+        replica, first = chwbl.choose(ring, "hot", loads, 1.25, floor=4)
+        assert (replica, first) == (home, True)
+        loads[home] += 1
+    assert chwbl.choose(ring, "hot", loads, 1.25, floor=4) == (other, False)
+    assert chwbl.choose(ring, "hot", {home: 2, other: 0}, 1.25) == (other, False)  # no floor: spills at the third
+
+
 def test_the_routing_key_is_the_start_of_the_prompt():
     chat = lambda system, user: {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
     assert prefix_key(chat(SYSTEM["A"], "hi"), 256) == prefix_key(chat(SYSTEM["A"], "what is 2+2?"), 256)
@@ -193,9 +207,9 @@ def test_one_prefix_stays_on_one_engine_and_different_prefixes_spread(router, en
 
 def test_the_load_bound_moves_a_hot_prefix_and_nothing_more(router, engines):
     """Nine requests of one prefix in flight at once (the engines are stopped with SIGSTOP until the router has
-    routed all nine, so none can finish early): no engine gets more than ceil(1.25 * 9 / 3) = 4 of them (counted by
-    the engines themselves), so the prefix spilled, to some engines, not evenly to all by chance of order; the next
-    request, with the load gone, goes back to the prefix's own engine."""
+    routed all nine, so none can finish early): no engine gets more than max(floor 4, ceil(1.25 * 9 / 3)) = 4 of
+    them (counted by the engines themselves), so the prefix spilled, in ring order; the next request, with the load
+    gone, goes back to the prefix's own engine."""
     client = router.client()
     before = served_counts(engines)
     chat(client, "A", "alone")
@@ -330,18 +344,49 @@ def test_requests_for_a_model_scaled_to_zero_are_held_until_a_replica_is_ready(t
             engine.stop()
 
 
-@pytest.mark.parametrize("max_held,reason", [(0, "queue_full"), (8, "timeout")])
-def test_a_hold_that_cannot_end_is_a_503_with_retry_after(max_held, reason):
-    running = RunningRouter(Backends({"tiny": []}), RouterConfig(api_key=KEY, max_held=max_held, hold_timeout=0.2))
+class CannotWake(Backends):
+    async def wake(self, model: str) -> None:
+        raise PermissionError("inferenceservices/scale is forbidden")
+
+
+@pytest.mark.parametrize("backends,max_held,reason", [(Backends, 0, "queue_full"), (Backends, 8, "timeout"),
+                                                      (CannotWake, 8, "wake_failed")])
+def test_a_hold_that_cannot_end_is_a_503_with_retry_after(backends, max_held, reason):
+    """A full queue or a hold past its timeout, and a failed ask for a replica at once (not after the timeout)."""
+    hold = 0.2 if reason != "wake_failed" else 600
+    running = RunningRouter(backends({"tiny": []}), RouterConfig(api_key=KEY, max_held=max_held, hold_timeout=hold))
     try:
         r = httpx.post(f"{running.base}/v1/completions", json={"model": "tiny", "prompt": "x"},
                        headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         assert r.status_code == 503 and r.headers["Retry-After"] == "30"
         assert r.json()["error"]["type"] == "service_unavailable_error"
+        if reason == "wake_failed":
+            assert "inferenceservices/scale is forbidden" in r.json()["error"]["message"]
         assert running.metric("flotilla_router_rejected_requests_total", reason=reason) == 1
         assert running.metric("flotilla_router_held_requests") == 0
     finally:
         running.close()
+
+
+def test_a_replica_that_accepts_and_then_says_nothing_is_given_up_on():
+    """A replica whose socket accepts but never answers (a hung process) fails the request after the read timeout
+    rather than holding it, and its in-flight slot, forever."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    running = RunningRouter(StaticBackends({"tiny": [url]}), RouterConfig(api_key=KEY, read_timeout=0.5))
+    try:
+        r = httpx.post(f"{running.base}/v1/completions", json={"model": "tiny", "prompt": "x"},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 503
+        assert running.metric("flotilla_router_replica_failures_total", replica=url) == 1
+        assert running.metric("flotilla_router_in_flight_requests") == 0
+    finally:
+        running.close()
+        silent.close()
 
 
 def test_the_router_command_serves_a_static_fleet(engines):
