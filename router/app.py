@@ -42,6 +42,7 @@ class RouterConfig:
     load_bound: float = 1.25  # no replica above this times the mean in-flight load ...
     load_floor: int = 4  # ... once it holds more than this many (a few more batch nearly free; a spill is a cold prefill)
     hold_timeout: float = 600.0  # seconds a request waits for a model scaled to zero
+    wake_interval: float = 10.0  # while requests are held, the replica is asked for again this often
     max_held: int = 256  # held requests per model before a 503
     retry_after: int = 30  # the Retry-After of a 503
     scrape_interval: float = 5.0  # seconds between reads of the engines' /metrics
@@ -148,20 +149,34 @@ class Router:
             return error(503, f"{model}: too many requests are waiting for a replica; retry later", headers=retry)
         self.held[model] = self.held.get(model, 0) + 1
         self.metrics.queue_length.labels(model).set(self.held[model])
-        start = time.monotonic()
-        waiting = asyncio.ensure_future(self.backends.wait_for_replicas(model, self.config.hold_timeout))
+        loop = asyncio.get_running_loop()
+        start, deadline = time.monotonic(), loop.time() + self.config.hold_timeout
+        replicas: tuple[str, ...] = ()
         try:
-            waking = self._wake(model)
-            await asyncio.wait({waiting, waking}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiting.done() and not waking.cancelled() and waking.exception() is not None:
-                # the ask failed (RBAC, the service gone): waiting longer would only end in the same 503
-                self.metrics.rejected.labels(model, "wake_failed").inc()
-                return error(503, f"{model}: could not ask for a replica: {waking.exception()}", headers=retry)
-            replicas = await waiting
+            # Ask, wait, and ask again every wake_interval while nothing is ready: an ask can be undone (a scale
+            # to zero decided a moment before it landed) and must not leave the held requests waiting for nothing.
+            while not replicas:
+                left = deadline - loop.time()
+                if left <= 0 or self.backends.replicas(model) is None:
+                    break
+                waking = self._wake(model)
+                waiting = asyncio.ensure_future(
+                    self.backends.wait_for_replicas(model, min(left, self.config.wake_interval)))
+                try:
+                    await asyncio.wait({waiting, waking}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiting.done() and not waking.cancelled() and waking.exception() is not None:
+                        # the ask failed (RBAC, the service gone): waiting longer would end in the same 503
+                        self.metrics.rejected.labels(model, "wake_failed").inc()
+                        return error(503, f"{model}: could not ask for a replica: {waking.exception()}",
+                                     headers=retry)
+                    replicas = await waiting
+                finally:
+                    waiting.cancel()
         finally:
-            waiting.cancel()
             self.held[model] -= 1
             self.metrics.queue_length.labels(model).set(self.held[model])
+        if self.backends.replicas(model) is None:
+            return error(404, f"The model `{model}` does not exist.", "model")
         if not replicas:
             self.metrics.rejected.labels(model, "timeout").inc()
             return error(503, f"{model}: no replica became ready within {self.config.hold_timeout:g}s; retry later",
@@ -280,3 +295,48 @@ class Router:
             except Exception:  # noqa: BLE001 - the scraper must outlive one bad round
                 logger.exception("reading the engines' metrics failed")
             await asyncio.sleep(self.config.scrape_interval)
+
+
+class ThreadedRouter:
+    """A ``Router`` serving on ``host:port`` from its own event loop in a background thread, for a synchronous
+    program that embeds one (benchmarks, tests); ``close()`` stops it as the command does."""
+
+    def __init__(self, router: Router, host: str = "127.0.0.1", port: int = 0) -> None:
+        import threading
+
+        self.router = router
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        async def start() -> None:
+            self.runner = web.AppRunner(router.build_app(), access_log=None)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, host, port)
+            await site.start()
+            self.port = self.runner.addresses[0][1]
+
+        def run() -> None:
+            try:
+                self.loop.run_until_complete(start())
+            except BaseException as e:  # noqa: BLE001 - handed to the constructor's caller
+                failed.append(e)
+                return
+            finally:
+                ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True, name="flotilla-router")
+        self.thread.start()
+        if not ready.wait(60) or failed:
+            raise RuntimeError(f"the router did not start: {failed[0] if failed else 'timed out'}")
+        self.base = f"http://{host}:{self.port}"
+
+    def call(self, coroutine: Any, timeout: float = 60.0) -> Any:
+        """Run ``coroutine`` on the router's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.call(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)

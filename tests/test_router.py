@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flotilla.router import chwbl
-from flotilla.router.app import Router, RouterConfig
+from flotilla.router.app import Router, RouterConfig, ThreadedRouter
 from flotilla.router.backends import Backends, StaticBackends
 from flotilla.router.balancer import Balancer, kv_usage_from_metrics
 from flotilla.router.prefix import prefix_key
@@ -112,33 +112,11 @@ def test_without_a_prefix_the_least_kv_cache_use_wins_and_a_failed_replica_sits_
 # ---- the router in front of real engines ---------------------------------------------------------------------
 
 
-class RunningRouter:
-    """A router on a loopback port, its event loop in a thread (so a test can drive it with blocking clients)."""
+class RunningRouter(ThreadedRouter):
+    """The router on a loopback port, driven by blocking clients."""
 
     def __init__(self, backends: Backends, config: RouterConfig) -> None:
-        self.router = Router(backends, config)
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        async def start() -> None:
-            from aiohttp import web
-
-            self.runner = web.AppRunner(self.router.build_app())
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-            ready.set()
-
-        self.thread = threading.Thread(target=lambda: (self.loop.run_until_complete(start()),
-                                                       self.loop.run_forever()), daemon=True)
-        self.thread.start()
-        assert ready.wait(30)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
+        super().__init__(Router(backends, config))
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base}/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -276,7 +254,7 @@ def test_engine_errors_come_back_as_the_engine_wrote_them(router):
 def test_kv_cache_use_is_read_from_the_engines(router, engines):
     text = httpx.get(f"{engines[0].base}/metrics").text
     assert kv_usage_from_metrics(text) == _sum(text, "vllm:kv_cache_usage_perc")
-    asyncio.run_coroutine_threadsafe(router.router.scrape_once(), router.loop).result(30)
+    router.call(router.router.scrape_once())
     assert set(router.router.balancer.kv_usage) == {e.base for e in engines}
 
 
@@ -338,6 +316,31 @@ def test_requests_for_a_model_scaled_to_zero_are_held_until_a_replica_is_ready(t
         assert backends.wakes == 1  # one ask, however many requests waited
         assert running.metric("flotilla_router_hold_seconds_count") == 3
         assert engine_metric(backends.engine, "vllm:request_success_total") == 3
+    finally:
+        running.close()
+        for engine in backends.started:
+            engine.stop()
+
+
+class FirstAskUndone(ScaleFromZero):
+    """The first ask is lost (the operator scaled to zero again a moment after it landed); the second starts it."""
+
+    def __init__(self, folder) -> None:
+        super().__init__(folder)
+        self.asks = 0
+
+    async def wake(self, model: str) -> None:
+        self.asks += 1
+        if self.asks > 1:
+            await super().wake(model)
+
+
+def test_a_held_request_asks_again_when_its_first_ask_is_undone(tiny_llama):
+    backends = FirstAskUndone(tiny_llama)
+    running = RunningRouter(backends, RouterConfig(api_key=KEY, wake_interval=0.5))
+    try:
+        assert chat(running.client(), "A", "still asleep?").choices[0].finish_reason == "length"
+        assert backends.asks >= 2 and backends.wakes == 1
     finally:
         running.close()
         for engine in backends.started:
