@@ -12,6 +12,9 @@ def main(argv: list[str] | None = None) -> int:
         from flotilla.router.cli import main as router_main
 
         return router_main(args[1:])
+    if args[:1] in ([], ["-h"], ["--help"]):
+        print("flotilla router ...: one OpenAI-compatible endpoint for many models and replicas "
+              "(flotilla router --help)")
     from flotilla.engine.cli import main as engine_main
 
     return engine_main(args)
