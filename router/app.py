@@ -22,7 +22,8 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from flotilla.router.backends import Backends
-from flotilla.router.balancer import Balancer, kv_usage_from_metrics
+from flotilla.operator.autoscaler import scrape
+from flotilla.router.balancer import Balancer
 from flotilla.router.metrics import RouterMetrics
 from flotilla.router.prefix import prefix_key
 
@@ -275,14 +276,9 @@ class Router:
         replicas = {r for m in self.backends.models() for r in (self.backends.replicas(m) or ())}
 
         async def one(replica: str) -> None:
-            try:
-                async with self.session.get(replica + "/metrics",
-                                            timeout=aiohttp.ClientTimeout(total=self.config.scrape_interval)) as r:
-                    usage = kv_usage_from_metrics(await r.text()) if r.status == 200 else None
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                return
-            if usage is not None:
-                self.balancer.kv_usage[replica] = usage
+            sample = await scrape(self.session, replica + "/metrics", self.config.scrape_interval)
+            if sample is not None:
+                self.balancer.kv_usage[replica] = sample.kv_usage
 
         await asyncio.gather(*(one(r) for r in replicas))
         for gone in set(self.balancer.kv_usage) - replicas:

@@ -1,5 +1,5 @@
 """The replica choice for one request, from what the router knows about each replica: its in-flight requests
-(counted here), its KV-cache use (scraped from the engines' ``/metrics``), and whether it just failed.
+(counted here), its KV-cache use (scraped from the engines' ``/metrics`` by the operator's own ``autoscaler.scrape``), and whether it just failed.
 
 A request with a prompt goes where its prefix hashes (``chwbl``), within the load bound. One without (nothing to
 be cached) goes to the replica with the least KV-cache use, then the fewest in flight. A replica that refused a
@@ -13,9 +13,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from flotilla.router import chwbl
-
-#: The engines' KV-cache gauge (vLLM's current name first, then the older one).
-KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
 
 @dataclass
@@ -73,17 +70,3 @@ class Balancer:
     def healthy(self, replica: str) -> None:
         self._ejected.pop(replica, None)
 
-
-def kv_usage_from_metrics(text: str) -> float | None:
-    """The KV-cache use an engine reports in its Prometheus text (the largest, if several engines share it)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in KV_METRICS:
-                values.setdefault(sample.name, []).append(sample.value)
-    for name in KV_METRICS:
-        if values.get(name):
-            return max(values[name])
-    return None

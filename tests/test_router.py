@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
@@ -23,8 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from flotilla.router import chwbl
 from flotilla.router.app import Router, RouterConfig, ThreadedRouter
 from flotilla.router.backends import Backends, StaticBackends
-from flotilla.router.balancer import Balancer, kv_usage_from_metrics
+from flotilla.operator.autoscaler import parse_metrics
+from flotilla.router.balancer import Balancer
 from flotilla.router.prefix import prefix_key
+from controlplane import wait_for
 from server_process import ServerProcess, free_port
 
 KEY = "sk-router-test"
@@ -210,10 +211,8 @@ def test_the_load_bound_moves_a_hot_prefix_and_nothing_more(router, engines):
         threads = [threading.Thread(target=one, args=(i,)) for i in range(9)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 120
-        while router.metric("flotilla_router_in_flight_requests") < 9 and not errors:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for(lambda: errors or router.metric("flotilla_router_in_flight_requests") >= 9, timeout=120,
+                 what="all nine requests in flight at the router")
     finally:
         for e in engines:
             e.proc.send_signal(signal.SIGCONT)
@@ -256,7 +255,7 @@ def test_engine_errors_come_back_as_the_engine_wrote_them(router):
 
 def test_kv_cache_use_is_read_from_the_engines(router, engines):
     text = httpx.get(f"{engines[0].base}/metrics").text
-    assert kv_usage_from_metrics(text) == _sum(text, "vllm:kv_cache_usage_perc")
+    assert parse_metrics(text).kv_usage == _sum(text, "vllm:kv_cache_usage_perc")
     router.call(router.router.scrape_once())
     assert set(router.router.balancer.kv_usage) == {e.base for e in engines}
 
@@ -402,14 +401,11 @@ def test_the_router_command_serves_a_static_fleet(engines):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        def up() -> bool:
+            assert proc.poll() is None, "flotilla router exited"
+            return httpx.get(f"{base}/health").status_code == 200
+
+        wait_for(up, timeout=60, what="flotilla router to answer /health")
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
         out = client.completions.create(model="tiny", prompt="once upon", max_tokens=3)
         assert out.usage.completion_tokens == 3
