@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 from flotilla.engine.config import EngineArgs
 from flotilla.engine.errors import EngineDeadError, QueueFullError, RequestFailedError
 from flotilla.engine.llm_engine import LLMEngine, PromptType
+from flotilla.engine.lora.request import LoRARequest
 from flotilla.engine.outputs import RequestOutput
 from flotilla.engine.pooling import PoolingParams
 from flotilla.engine.sampling_params import SamplingParams
@@ -59,7 +60,8 @@ class AsyncLLMEngine:
         return len(self.engine.scheduler.waiting) + self._queued_sequences
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | PoolingParams, request_id: str,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yield cumulative ``RequestOutput``s until the request finishes (an embedding request, given
         ``PoolingParams``, yields one, with its ``embedding``). Raises ``ValueError`` for bad input and
         ``QueueFullError`` when the queue is full, before anything is queued."""
@@ -68,7 +70,8 @@ class AsyncLLMEngine:
             parent = self.engine.make_requests(request_id, prompt, None, cache_salt=cache_salt,
                                                pooling_params=sampling_params)
         else:
-            parent = self.engine.make_requests(request_id, prompt, sampling_params, cache_salt=cache_salt)
+            parent = self.engine.make_requests(request_id, prompt, sampling_params, cache_salt=cache_salt,
+                                               lora_request=lora_request)
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._raise_if_dead()  # under the lock: a loop dying now will deliver to this stream

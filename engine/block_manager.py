@@ -71,7 +71,7 @@ class BlockManager:
         hits: list[int] = []
         parent: bytes | None = None
         for i in range(max_blocks):
-            parent = hash_block(parent, tokens[i * self.block_size:(i + 1) * self.block_size], request.cache_salt)
+            parent = hash_block(parent, tokens[i * self.block_size:(i + 1) * self.block_size], request.prefix_salt)
             block_id = self._cached.get(parent)
             if block_id is None:
                 break
@@ -86,7 +86,7 @@ class BlockManager:
         tokens = request.all_token_ids
         for i in range(len(request.block_hashes), num_full):
             parent = request.block_hashes[-1] if request.block_hashes else None
-            block_hash = hash_block(parent, tokens[i * self.block_size:(i + 1) * self.block_size], request.cache_salt)
+            block_hash = hash_block(parent, tokens[i * self.block_size:(i + 1) * self.block_size], request.prefix_salt)
             request.block_hashes.append(block_hash)
             block = self.blocks[request.block_ids[i]]
             if block.block_hash is None and block_hash not in self._cached:

@@ -65,6 +65,12 @@ class EngineArgs:
     runner: str = "auto"
     task: str = "auto"
     pooler_config: dict[str, Any] | str | None = None
+    # Multi-LoRA (engine/lora/): adapters on the base model, up to max_loras of them in one step (one device slot
+    # each), of rank up to max_lora_rank; max_cpu_loras adapters kept in host memory (default: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -114,6 +120,13 @@ class EngineArgs:
             raise ValueError(f"swap_space: must be >= 0 GiB, got {self.swap_space}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras: must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+            raise ValueError(f"max_lora_rank: must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's), got "
+                             f"{self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override: must be >= 1, got {self.num_gpu_blocks_override}")
 
@@ -132,6 +145,7 @@ class SchedulerConfig:
     max_model_len: int
     enable_chunked_prefill: bool
     preemption_mode: str = "recompute"
+    max_loras: int = 0  # the most distinct adapters among running requests (0: no adapters served)
 
 
 def cpu_kvcache_gib_setting(args: EngineArgs) -> float | None:

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from flotilla.engine.config import EngineArgs
 from flotilla.engine.llm_engine import LLMEngine, PromptType
+from flotilla.engine.lora.request import LoRARequest
 from flotilla.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from flotilla.engine.pooling import PoolingParams
 from flotilla.engine.sampling_params import SamplingParams
@@ -44,11 +45,14 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of ``prompts``."""
+        """Run every prompt to completion; outputs come back in the order of ``prompts``. ``lora_request``: the
+        adapter every prompt runs with, or one per prompt (None: the base model); needs ``enable_lora=True``."""
         prompts = _prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts), SamplingParams(), "sampling_params")
-        return self._run(self._enqueue(prompts, params, {}), use_tqdm)
+        loras = _per_prompt(lora_request, len(prompts), None, "lora_request")
+        return self._run(self._enqueue(prompts, params, {"lora_request": loras}), use_tqdm)
 
     def embed(
         self,

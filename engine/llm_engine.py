@@ -20,6 +20,8 @@ from flotilla.engine.cuda_graphs import graphs_enabled
 from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, cpu_kvcache_gib_setting
 from flotilla.engine.detokenizer import IncrementalDetokenizer
 from flotilla.engine.host_memory import peak_rss_bytes, reset_peak_rss
+from flotilla.engine.lora.registry import LoRARegistry
+from flotilla.engine.lora.request import LoRARequest
 from flotilla.engine.model_loader import (
     architecture,
     config_dtype,
@@ -29,6 +31,7 @@ from flotilla.engine.model_loader import (
     load_tokenizer,
     resolve_model,
 )
+from flotilla.engine.model_source import ModelSourceError, fetch, parse_model_uri
 from flotilla.engine.model_runner import (
     ModelRunner,
     host_cache_blocks,
@@ -142,11 +145,16 @@ class LLMEngine:
                    "max_blocks": 4 * args.max_num_seqs * -(-max_model_len // args.block_size),
                    "cpu_space_bytes": None if setting is None else int(setting * 2**30)}
         swap_gib = args.swap_space if args.preemption_mode == "swap" else None
+        lora = None
+        if args.enable_lora:
+            if self.runner_type == "pooling":
+                raise ValueError("enable_lora: LoRA adapters apply to generation, not the pooling runner")
+            lora = (args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras)
         if args.tensor_parallel_size > 1:
             # Ranks 1..N-1 in their own processes, rank 0 here; all load their shard of the same resolved model.
             self.workers = Workers(WorkerSpec(args.tensor_parallel_size, self.source, self.dtype,
                                               self.device.type, args.block_size, args.seed, kv_args, swap_gib,
-                                              max_model_len))
+                                              max_model_len, lora))
             if self.device.type == "cpu":
                 torch.set_num_threads(cpu_threads(args.tensor_parallel_size))
             self.workers.join(lambda rendezvous: init_tensor_parallel(0, args.tensor_parallel_size, rendezvous))
@@ -154,6 +162,9 @@ class LLMEngine:
         model = load_model(self.source, self.model_config, self.dtype, self.device, args.seed)
         self.runner = ModelRunner(model, self.model_config, self.device, self.dtype, args.block_size, args.seed,
                                   self.pooler)
+        self.lora: LoRARegistry | None = None
+        if lora is not None:  # the slots are allocated before the KV cache is sized beside them
+            self.lora = LoRARegistry(self.runner.enable_lora(*lora), self._adapter_folder)
         # On one CPU rank the warm-up runs first, on a one-block cache, so that the KV cache is sized beside the
         # measured peak of the largest steps: under a container memory limit that peak must fit too.
         warm_first = args.warmup and self.device.type == "cpu" and args.tensor_parallel_size == 1
@@ -173,7 +184,8 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.cache_config = CacheConfig(args.block_size, num_blocks, prefix_caching)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, max_batched, max_model_len,
-                                                args.enable_chunked_prefill, args.preemption_mode)
+                                                args.enable_chunked_prefill, args.preemption_mode,
+                                                args.max_loras if lora is not None else 0)
         self.block_manager = BlockManager(num_blocks, args.block_size, prefix_caching)
         swap_pool = None
         if swap_gib is not None:
@@ -215,6 +227,52 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args)
 
+    # ---- adapters (vLLM's add_lora / remove_lora / list_loras) -------------------------------------------
+
+    def _adapter_folder(self, path: str) -> str:
+        """An adapter's path made local, as the base model's is (a folder, a hub repo id, s3://)."""
+        try:
+            ref = parse_model_uri(path)
+            if ref.gguf is not None:
+                raise ModelSourceError(f"lora_path: {path!r}: adapters are PEFT folders, not GGUF files")
+            return str(fetch(ref, self.args.download_dir, self.args.hf_token))
+        except ModelSourceError as e:
+            raise ValueError(str(e).replace("model: ", "lora_path: ", 1)) from None
+
+    def _registry(self) -> LoRARegistry:
+        if self.lora is None:
+            raise ValueError("LoRA adapters need the engine started with enable_lora=True (--enable-lora)")
+        return self.lora
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Register an adapter (read and checked now: ``ValueError`` says why it cannot be served); False when it
+        is already registered."""
+        return self._registry().add(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unregister an adapter: new requests can no longer name it; those running finish with it."""
+        return self._registry().remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return {a.request.lora_int_id for a in self._registry().adapters()}
+
+    def _adapter_for(self, lora_request: LoRARequest | None) -> str | None:
+        """The local folder of a request's adapter, registering it first when it is new (as vLLM loads an adapter
+        on the first request that names it)."""
+        if lora_request is None:
+            return None
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request: expected LoRARequest, got {type(lora_request).__name__}")
+        registry = self._registry()
+        held = registry.get(lora_request.lora_int_id)
+        if held is None:
+            registry.add(lora_request)
+            held = registry.get(lora_request.lora_int_id)
+        if held is None or held.request != lora_request:
+            raise ValueError(f"lora_request: id {lora_request.lora_int_id} is adapter "
+                             f"{held.request.lora_name if held else '(removed)'!r}, not {lora_request.lora_name!r}")
+        return held.folder
+
     def check_alive(self) -> None:
         """Raise when a tensor-parallel worker has died: this engine can compute nothing more."""
         if self.workers is not None and (dead := self.workers.dead()):
@@ -241,9 +299,10 @@ class LLMEngine:
 
     def make_requests(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
                       arrival_time: float | None = None, cache_salt: str | None = None,
-                      pooling_params: PoolingParams | None = None) -> _Parent:
+                      pooling_params: PoolingParams | None = None, lora_request: LoRARequest | None = None) -> _Parent:
         """Validate and tokenize without touching engine state (safe to call from another thread). An embedding
-        request gives ``pooling_params`` (and no ``params``): the pooling runner's engine takes only those."""
+        request gives ``pooling_params`` (and no ``params``): the pooling runner's engine takes only those.
+        ``lora_request``: the adapter it runs with (registered now if it is new)."""
         pooling = pooling_params is not None
         if pooling != (self.pooler is not None):
             raise ValueError("embeddings need the pooling runner: start the model with --runner pooling (vLLM's "
@@ -270,6 +329,7 @@ class LLMEngine:
                              f"({self.max_model_len})")
         params = params.bind(self.eos_token_ids, self._bad_words_token_ids(params.bad_words))
         params.check_token_ids(vocab)
+        lora_folder = self._adapter_for(lora_request)
         compiled = self.structured_outputs().prepare(params.guided_decoding) if params.guided_decoding else None
         metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         children = []
@@ -282,7 +342,8 @@ class LLMEngine:
             children.append(Request(child_id, token_ids, params, metrics, self.max_model_len, cache_salt,
                                     parent_id=request_id, index=i, generator=generator,
                                     grammar=GrammarState(compiled) if compiled is not None else None,
-                                    pooling=PoolingState(self.pooler, pooling_params) if pooling else None))
+                                    pooling=PoolingState(self.pooler, pooling_params) if pooling else None,
+                                    lora_request=lora_request, lora_folder=lora_folder))
         needed = self.block_manager.blocks_needed(children[0].max_total_tokens)
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"prompt: needs {needed} KV blocks but the cache has {self.block_manager.num_blocks}; "
@@ -343,12 +404,15 @@ class LLMEngine:
             self.scheduler.add(child)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
-                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+                    arrival_time: float | None = None, cache_salt: str | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         """vLLM's: ``params`` is a request's SamplingParams, or PoolingParams for an embedding."""
         if isinstance(params, PoolingParams):
-            self.enqueue(self.make_requests(request_id, prompt, None, arrival_time, cache_salt, pooling_params=params))
+            self.enqueue(self.make_requests(request_id, prompt, None, arrival_time, cache_salt, pooling_params=params,
+                                            lora_request=lora_request))
         else:
-            self.enqueue(self.make_requests(request_id, prompt, params, arrival_time, cache_salt))
+            self.enqueue(self.make_requests(request_id, prompt, params, arrival_time, cache_salt,
+                                            lora_request=lora_request))
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (unknown or finished ids are ignored); their blocks are freed at once."""
@@ -519,6 +583,7 @@ class LLMEngine:
             num_cached_tokens=parent.metrics.num_cached_tokens,
             error=parent.error,
             embedding=first.pooling.embedding if first.pooling is not None else None,
+            lora_request=first.lora_request,
         )
 
     # ---- introspection ------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ import torch
 
 from flotilla.engine.attention import AttentionMetadata, forward_context, select_backend
 from flotilla.engine.cuda_graphs import DecodeGraphs
+from flotilla.engine.lora.layers import lora_step
+from flotilla.engine.lora.manager import LoRAManager
+from flotilla.engine.lora.slots import SlotTable
 from flotilla.engine.outputs import LogprobDict
 from flotilla.engine.host_memory import cpu_kv_cache_bytes, memory_limit_bytes, rss_bytes
 from flotilla.engine.parallel import broadcast_plan, kv_heads_per_rank, tp
@@ -22,6 +25,7 @@ from flotilla.engine.pooling import PoolerConfig, chunk_partial
 from flotilla.engine.sampler import Sampler, top_logprobs
 from flotilla.engine.scheduler import ScheduledRequest, SchedulerOutput
 from flotilla.kernels import elementwise
+from flotilla.kernels.lora import lora_batch
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,10 @@ class StepPlan:
     sample_rows: list[int]
     #: the pooling runner's prompt chunks: (first row, end row, whether the chunk starts its prompt), in batch order
     pool_spans: list[tuple[int, int, bool]] = field(default_factory=list)
+    #: each token's adapter slot (-1: the base model); None when no token of the step uses an adapter
+    lora_slots: list[int] | None = None
+    #: adapters to copy into slots before the forward pass: (slot, adapter id, name, local folder)
+    lora_loads: list[tuple[int, int, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +138,15 @@ class ModelRunner:
         self.host_cache: torch.Tensor | None = None  # swap space, same layout, in host memory
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), see capture_graphs
+        self.lora: LoRAManager | None = None  # adapter slots (enable_lora)
+        self.lora_slots: SlotTable | None = None  # rank 0's: which adapter each slot holds
+
+    def enable_lora(self, max_loras: int, max_rank: int, max_cpu_loras: int) -> LoRAManager:
+        """Give the model's projections ``max_loras`` adapter slots of rank ``max_rank`` (before the KV cache is
+        sized: the slots are weights too)."""
+        self.lora = LoRAManager(self.model, self.config, max_loras, max_rank, max_cpu_loras, self.dtype, self.device)
+        self.lora_slots = SlotTable(max_loras)
+        return self.lora
 
     # ---- KV cache -----------------------------------------------------------------------------------
 
@@ -207,9 +224,10 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------------
 
-    def plan(self, batch: list[ScheduledRequest], sched: SchedulerOutput) -> StepPlan:
+    def plan(self, batch: list[ScheduledRequest], sched: SchedulerOutput, failed: set[str] = frozenset()) -> StepPlan:
         """The step as plain data (the only place that reads scheduler output): tokens, positions and cache
-        slots, flattened decodes first, and the rows whose logits the step needs."""
+        slots, flattened decodes first, and the rows whose logits the step needs. ``failed``: requests computed
+        without their adapter, whose output is thrown away."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -248,10 +266,28 @@ class ModelRunner:
         qsl = [0]
         for s in prefills:
             qsl.append(qsl[-1] + s.num_new_tokens)
+        lora_slots, lora_loads = self._plan_adapters(batch, failed)
         return StepPlan(list(sched.swap_out), list(sched.swap_in), input_ids, positions, slots, len(decodes),
                         d_tables, d_lens, p_tables, p_lens, qsl,
                         any(s.request.num_computed_tokens > 0 for s in prefills), logit_groups, sample_rows,
-                        pool_spans)
+                        pool_spans, lora_slots, lora_loads)
+
+    def _plan_adapters(self, batch: list[ScheduledRequest],
+                       failed: set[str]) -> tuple[list[int] | None, list[tuple[int, int, str, str]]]:
+        """Each token's adapter slot, and the slot loads that gives (None, [] when no request uses an adapter)."""
+        table = self.lora_slots
+        used = {s.request.lora_id: s.request for s in batch
+                if s.request.lora_id and s.request.request_id not in failed}
+        if table is None or not used:
+            return None, []
+        loads = [(slot, i, used[i].lora_request.lora_name, used[i].lora_folder)  # type: ignore[union-attr]
+                 for slot, i in table.assign(list(used))]
+        token_slots: list[int] = []
+        for s in batch:
+            adapter = s.request.lora_id if s.request.request_id not in failed else 0
+            slot = table.slot_of(adapter) if adapter else -1
+            token_slots.extend([slot] * s.num_new_tokens)  # type: ignore[list-item]
+        return token_slots, loads
 
     def _tensors(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -280,14 +316,17 @@ class ModelRunner:
         what each pooled prompt chunk contributes (no collective: the hidden states are whole on every rank)."""
         if plan.swap_out or plan.swap_in:
             self.swap(plan.swap_out, plan.swap_in)
+        if plan.lora_loads:
+            self.lora.activate(plan.lora_loads)  # type: ignore[union-attr]
         n = len(plan.input_ids)
         if (self.graphs is not None and plan.num_decodes == n and not plan.logit_groups
-                and len(plan.sample_rows) == n):
+                and len(plan.sample_rows) == n and plan.lora_slots is None):  # graphs hold the base model alone
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slots, plan.decode_lens, plan.decode_tables)
             if logits is not None:
                 return [], logits, []
         input_ids, positions, meta = self._tensors(plan)
-        with forward_context(meta), elementwise.compiled_cpu_kernels(self.backend.name == "cpu"):
+        adapters = None if plan.lora_slots is None else lora_batch(plan.lora_slots, self.device)
+        with forward_context(meta), lora_step(adapters), elementwise.compiled_cpu_kernels(self.backend.name == "cpu"):
             hidden = self.model(input_ids, positions)
         groups: list[torch.Tensor | Exception] = []
         for start, end in plan.logit_groups:
@@ -315,12 +354,14 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         # Decodes first: the attention layer serves them with one batched call.
         batch = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
-        plan = self.plan(batch, sched)
+        out = ModelRunnerOutput()
+        if self.lora is not None:  # an adapter that can no longer be read fails its requests (run without it), not
+            out.failed.update(self._unreadable_adapters(batch))  # the step
+        plan = self.plan(batch, sched, set(out.failed))
         if tp().size > 1:
             broadcast_plan(plan)  # the other ranks run the same step on their shards
         groups, sampled, pooled = self.run_plan(plan)
 
-        out = ModelRunnerOutput()
         pools = iter(pooled)
         sample_reqs = []
         group = iter(groups)
@@ -351,6 +392,20 @@ class ModelRunner:
                 if lp is not None:
                     out.logprobs[r.request_id] = lp
         return out
+
+    def _unreadable_adapters(self, batch: list[ScheduledRequest]) -> dict[str, str]:
+        """Requests whose adapter has no slot yet and cannot be read into one (its folder gone since it was
+        registered and its host copy evicted): request id -> why."""
+        failed: dict[str, str] = {}
+        for s in batch:
+            r = s.request
+            if r.lora_request is None or self.lora_slots.slot_of(r.lora_id) is not None:  # type: ignore[union-attr]
+                continue
+            try:
+                self.lora.read(r.lora_id, r.lora_request.lora_name, r.lora_folder)  # type: ignore[union-attr,arg-type]
+            except Exception as e:
+                failed[r.request_id] = f"LoRA adapter {r.lora_request.lora_name!r}: {e}"
+        return failed
 
     @staticmethod
     def _prompt_logprobs(logits: torch.Tensor | None, r: Any, start: int, count: int) -> list[LogprobDict]:

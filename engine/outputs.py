@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # One generated position's log-probabilities: token id -> Logprob, the sampled token always included.
 LogprobDict = dict[int, "Logprob"]
@@ -60,6 +61,7 @@ class RequestOutput:
     error: str | None = None
     # An embedding request's pooled vector (the pooling runner), once its prompt is computed.
     embedding: list[float] | None = None
+    lora_request: Any = None  # the LoRARequest it ran with (None: the base model)
 
 
 @dataclass

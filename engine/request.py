@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flotilla.engine.lora.request import LoRARequest
 from flotilla.engine.outputs import LogprobDict, RequestMetrics
 from flotilla.engine.pooling import PoolingState
 from flotilla.engine.sampling_params import SamplingParams
@@ -55,11 +56,26 @@ class Request:
     stop_reason: int | str | None = None
     grammar: GrammarState | None = None  # where its output stands in its grammar (guided decoding), if it has one
     pooling: PoolingState | None = None  # an embedding request's: its prompt is pooled, not continued
+    lora_request: LoRARequest | None = None  # the adapter it runs with (None: the base model)
+    lora_folder: str | None = None  # that adapter's local folder, resolved when it was registered
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
+
+    @property
+    def lora_id(self) -> int:
+        """Its adapter's id, 0 for the base model."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
+
+    @property
+    def prefix_salt(self) -> str | None:
+        """What sets its prefix-cache entries apart besides its tokens: the cache salt and the adapter (the same
+        prompt under two adapters has different K/V)."""
+        if self.lora_request is None:
+            return self.cache_salt
+        return f"lora:{self.lora_request.lora_int_id}:{self.cache_salt or ''}"
 
     @property
     def num_prompt_tokens(self) -> int:

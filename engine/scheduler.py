@@ -87,6 +87,8 @@ class Scheduler:
         # Swapped-out requests return before new ones are admitted, oldest first.
         while self.swapped and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.swapped[0]
+            if not self._adapter_fits(request):
+                break
             host_blocks = request.cpu_block_ids
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not bm.allocate(request, num_new):
@@ -101,12 +103,13 @@ class Scheduler:
             budget -= num_new
 
         # Admitting new work while evicting running work would only thrash. A request whose grammar is still
-        # compiling keeps its place at the head of the queue while those behind it are admitted.
-        compiling: list[Request] = []
+        # compiling, or whose adapter has no slot while max_loras others run, keeps its place at the head of the queue
+        # while those behind it are admitted.
+        held_back: list[Request] = []
         while self.waiting and not self.swapped and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if not request.schedulable:
-                compiling.append(self.waiting.popleft())
+            if not request.schedulable or not self._adapter_fits(request):
+                held_back.append(self.waiting.popleft())
                 continue
             prefix = bm.match_prefix(request)
             remaining = request.num_tokens - len(prefix) * bm.block_size
@@ -120,8 +123,16 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
-        self.waiting.extendleft(reversed(compiling))
+        self.waiting.extendleft(reversed(held_back))
         return out
+
+    def _adapter_fits(self, request: Request) -> bool:
+        """Whether running ``request`` keeps the running requests' distinct adapters within ``max_loras`` (each
+        needs a device slot for every step it runs in)."""
+        if not request.lora_id:
+            return True
+        running = {r.lora_id for r in self.running if r.lora_id}
+        return request.lora_id in running or len(running) < self.config.max_loras
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         request.metrics.num_preemptions += 1

@@ -36,6 +36,7 @@ class WorkerSpec:
     kv_blocks_args: dict[str, Any] = field(default_factory=dict)
     swap_space_gib: float | None = None  # preemption_mode="swap": the same host cache on every rank
     max_model_len: int | None = None  # the served context, as rank 0's model reads it
+    lora: tuple[int, int, int] | None = None  # (max_loras, max_lora_rank, max_cpu_loras) with enable_lora
 
 
 def _die_with_parent() -> None:
@@ -132,6 +133,8 @@ def worker_main(rank: int, rendezvous: str, spec: WorkerSpec) -> None:
         torch.manual_seed(spec.seed)
         model = load_model(spec.source, config, spec.dtype, device, spec.seed)
         runner = ModelRunner(model, config, device, spec.dtype, spec.block_size, spec.seed)
+        if spec.lora is not None:
+            runner.enable_lora(*spec.lora)
         runner.allocate_kv_cache(min_over_ranks(kv_cache_blocks(runner, **spec.kv_blocks_args)))
         if spec.swap_space_gib is not None:
             runner.allocate_host_cache(host_cache_blocks(config, spec.block_size, spec.dtype, spec.swap_space_gib))

@@ -46,6 +46,8 @@ class _Packable(nn.Module):
     """A layer whose ``weight`` (``[out, in]``) may be replaced by its oneDNN-packed form on the CPU."""
 
     packed: torch.Tensor | None = None
+    # adapter slots (engine/lora/layers.py): ``lora(x, out)`` adds this step's adapters' share to ``out``
+    lora = None
 
     def pack_for_cpu(self, keep_weight: bool = False) -> bool:
         packed = _onednn_pack(self.weight)
@@ -104,7 +106,8 @@ class PackedColumnParallelLinear(_Packable):
         param.data[self.offsets[shard]:self.offsets[shard] + rows].copy_(loaded[start:start + rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _matmul(x, self.weight, self.packed, self.bias)
+        out = _matmul(x, self.weight, self.packed, self.bias)
+        return out if self.lora is None else self.lora(x, out)
 
 
 def column_parts(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
@@ -146,7 +149,10 @@ class RowParallelLinear(_Packable):
         load_whole(param, loaded[:, start:start + self.local_in])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(_matmul(x, self.weight, self.packed))
+        out = _matmul(x, self.weight, self.packed)
+        if self.lora is not None:  # before the sum over ranks: each rank adds its share of the adapter's product
+            out = self.lora(x, out)
+        out = all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 
