@@ -79,6 +79,13 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="vLLM's older spelling: embed means --runner pooling")
     p.add_argument("--pooler-config", "--override-pooler-config", dest="pooler_config", default=None,
                    help='JSON, e.g. \'{"pooling_type": "MEAN", "normalize": false}\' (LAST, MEAN or CLS)')
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters on the base model")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help='adapters served from the start: NAME=PATH or JSON {"name": ..., "path": ..., '
+                        '"base_model_name": ...}; PATH: a folder, a Hugging Face repo id or s3://')
+    p.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (one device slot each)")
+    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in host memory (>= --max-loras)")
     p.add_argument("--disable-log-requests", action="store_true")
     p.add_argument("--max-queue-len", type=int, default=None,
                    help="answer 503 while this many requests wait to be scheduled")
@@ -162,8 +169,33 @@ def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
         device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=ns.enforce_eager,
         revision=ns.revision, download_dir=ns.download_dir, hf_token=ns.hf_token,
         tensor_parallel_size=ns.tensor_parallel_size, warmup=ns.warmup, runner=ns.runner, task=ns.task,
-        pooler_config=ns.pooler_config,
+        pooler_config=ns.pooler_config, enable_lora=ns.enable_lora, max_loras=ns.max_loras,
+        max_lora_rank=ns.max_lora_rank, max_cpu_loras=ns.max_cpu_loras,
     )
+
+
+def parse_lora_modules(values: list[str] | None) -> list[dict[str, str | None]]:
+    """``--lora-modules`` as vLLM takes it: ``NAME=PATH`` or a JSON object with ``name``, ``path`` and optionally
+    ``base_model_name``; each as ``{"name", "path", "base_model_name"}``."""
+    modules = []
+    for value in values or ():
+        if value.lstrip().startswith("{"):
+            try:
+                spec = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"--lora-modules: {value!r} is not JSON ({e})") from None
+            if not isinstance(spec, dict) or not spec.get("name") or not spec.get("path"):
+                raise SystemExit(f"--lora-modules: {value!r} needs \"name\" and \"path\"")
+            modules.append({"name": spec["name"], "path": spec["path"], "base_model_name": spec.get("base_model_name")})
+            continue
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora-modules: {value!r} is not NAME=PATH")
+        modules.append({"name": name, "path": path, "base_model_name": None})
+    names = [m["name"] for m in modules]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--lora-modules: a name appears twice ({', '.join(names)})")
+    return modules
 
 
 def _chat_template(value: str | None) -> str | None:
@@ -178,6 +210,7 @@ def serve(ns: argparse.Namespace) -> int:
 
     from flotilla.engine.async_engine import AsyncLLMEngine
     from flotilla.engine.llm_engine import LLMEngine
+    from flotilla.engine.lora.request import LoRARequest
     from flotilla.engine.server.api import ServerState, build_app
 
     args = engine_args_from_cli(ns)
@@ -186,6 +219,9 @@ def serve(ns: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from e
     model_name = args.model or BUNDLED_MODEL_ID
+    lora_modules = parse_lora_modules(ns.lora_modules)
+    if lora_modules and not args.enable_lora:
+        raise SystemExit("--lora-modules needs --enable-lora")
     if ns.max_n < 1 or ns.chat_template_timeout <= 0:
         raise SystemExit("--max-n must be >= 1 and --chat-template-timeout > 0")
     if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
@@ -202,6 +238,8 @@ def serve(ns: argparse.Namespace) -> int:
         log_requests=not ns.disable_log_requests,
         tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None,
         reasoning_parser=ns.reasoning_parser,
+        allow_runtime_lora=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", os.environ.get(
+            "FLOTILLA_ALLOW_RUNTIME_LORA_UPDATING", "")).strip().lower() in ("1", "true", "yes"),
     )
     app = build_app(state)
     server = _DrainingServer(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
@@ -216,8 +254,14 @@ def serve(ns: argparse.Namespace) -> int:
 
     def load() -> None:
         try:
+            engine = LLMEngine(args)
+            for m in lora_modules:  # before the server reports ready: a bad adapter fails the start
+                try:
+                    engine.add_lora(LoRARequest(m["name"], engine.lora.new_id(), m["path"], m["base_model_name"]))
+                except ValueError as e:
+                    raise ValueError(f"--lora-modules {m['name']}: {e}") from None
             state.engine = AsyncLLMEngine(
-                LLMEngine(args), max_queue_len=ns.max_queue_len,
+                engine, max_queue_len=ns.max_queue_len,
                 on_dead=lambda e: fail(f"the engine loop died: {type(e).__name__}: {e}"))
             logger.info("serving %s on http://%s:%d/v1", state.served_model_names[0], ns.host, ns.port)
         except Exception as e:

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Union
 
 import torch
@@ -69,6 +69,10 @@ class EngineStats:
     generation_tokens: int  # vllm:generation_tokens_total
     computed_prompt_tokens: int  # prompt positions actually run through the model (cache hits skip them)
     request_errors: int  # flotilla:request_errors_total: requests stopped because their own processing raised
+    # vllm:lora_requests_info's labels: the adapters of running and waiting requests (names), max_loras (0: off)
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
+    max_lora: int = 0
 
 
 @dataclass
@@ -602,6 +606,9 @@ class LLMEngine:
             generation_tokens=self.generation_tokens_total,
             computed_prompt_tokens=self.computed_prompt_tokens,
             request_errors=self.request_errors_total,
+            running_lora_adapters=_adapter_names(self.scheduler.running),
+            waiting_lora_adapters=_adapter_names([*self.scheduler.waiting, *self.scheduler.swapped]),
+            max_lora=self.scheduler_config.max_loras,
         )
 
     def kv_token_utilization(self) -> float:
@@ -610,3 +617,7 @@ class LLMEngine:
         running = self.scheduler.running
         held = sum(len(r.block_ids) for r in running) * self.block_manager.block_size
         return sum(r.num_computed_tokens for r in running) / held if held else 0.0
+
+
+def _adapter_names(requests: Iterable[Request]) -> list[str]:
+    return sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None})

@@ -16,12 +16,13 @@ from typing import Any, AsyncIterator, Callable
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flotilla.engine.async_engine import AsyncLLMEngine
 from flotilla.engine.errors import EngineDeadError, QueueFullError, RequestFailedError
+from flotilla.engine.lora.request import LoRARequest
 from flotilla.engine.outputs import CompletionOutput, LogprobDict, RequestOutput
 from flotilla.engine.pooling import PoolingParams
 from flotilla.engine.server import reasoning, tool_parsers
@@ -34,7 +35,9 @@ from flotilla.engine.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 
 logger = logging.getLogger("flotilla.engine.server")
@@ -59,6 +62,8 @@ class ServerState:
     # vLLM's --enable-auto-tool-choice with --tool-call-parser, and --reasoning-parser (names in the parser modules)
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: /v1/load_lora_adapter and /v1/unload_lora_adapter exist
+    allow_runtime_lora: bool = False
     engine: AsyncLLMEngine | None = None  # None while the model loads
     load_error: str | None = None
     draining: bool = False
@@ -176,14 +181,59 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict:
         engine = state.ready_engine()
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": int(state.started), "owned_by": "flotilla",
-             "root": state.model_path, "parent": None, "max_model_len": engine.engine.max_model_len}
-            for name in state.served_model_names]}
+        cards = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "flotilla",
+                  "root": state.model_path, "parent": None, "max_model_len": engine.engine.max_model_len}
+                 for name in state.served_model_names]
+        registry = engine.engine.lora
+        for adapter in registry.adapters() if registry is not None else ():
+            lora = adapter.request
+            cards.append({"id": lora.lora_name, "object": "model", "created": int(state.started),
+                          "owned_by": "flotilla", "root": lora.lora_path,
+                          "parent": lora.base_model_name or state.served_model_names[0],
+                          "max_model_len": engine.engine.max_model_len})
+        return {"object": "list", "data": cards}
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name not in state.served_model_names:
+    def check_model(name: str | None, engine: AsyncLLMEngine | None = None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 for a name not served."""
+        if name is None or name in state.served_model_names:
+            return None
+        registry = engine.engine.lora if engine is not None else None
+        adapter = registry.by_name(name) if registry is not None else None
+        if adapter is None:
             raise APIError(404, f"The model `{name}` does not exist.", "model", code="model_not_found")
+        return adapter.request
+
+    if state.allow_runtime_lora:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(req: LoadLoRAAdapterRequest) -> Response:
+            """vLLM's: register an adapter at run time (read and checked before the answer)."""
+            engine = state.ready_engine()
+            registry = engine.engine.lora
+            if registry is None:
+                raise APIError(400, "LoRA adapters need the server started with --enable-lora", "lora_name")
+            if not req.lora_name or not req.lora_path:
+                raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", "lora_name")
+            if req.lora_name in state.served_model_names:
+                raise APIError(400, f"lora_name: {req.lora_name!r} is the base model's name", "lora_name")
+            lora = LoRARequest(req.lora_name, registry.new_id(), req.lora_path)
+            try:
+                await asyncio.to_thread(engine.engine.add_lora, lora)  # reads (maybe downloads) the adapter
+            except ValueError as e:
+                raise APIError(400, str(e), "lora_path") from None
+            logger.info("LoRA adapter %s loaded from %s", req.lora_name, req.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(req: UnloadLoRAAdapterRequest) -> Response:
+            """vLLM's: unregister an adapter; requests already running with it finish."""
+            engine = state.ready_engine()
+            registry = engine.engine.lora
+            adapter = registry.by_name(req.lora_name) if registry is not None else None
+            if adapter is None or not engine.engine.remove_lora(adapter.request.lora_int_id):
+                raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", "lora_name",
+                               code="model_not_found")
+            logger.info("LoRA adapter %s unloaded", req.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     def check_queue(engine: AsyncLLMEngine) -> None:
         """Early refusal before any work; the binding check is the engine's, made as the request queues."""
@@ -226,7 +276,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
         engine = state.ready_engine()
-        check_model(req.model)
+        check_model(req.model, engine)
         if req.messages is not None:
             ids = await template_ids(engine, [m.model_dump() for m in req.messages], req.add_generation_prompt,
                                      None, None)
@@ -239,7 +289,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
         engine = state.ready_engine()
-        check_model(req.model)
+        check_model(req.model, engine)
         vocab = engine.engine.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in req.tokens):
             raise APIError(400, f"tokens: ids must be in [0, {vocab})", "tokens")
@@ -250,7 +300,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         engine = state.ready_engine()
-        check_model(req.model)
+        lora = check_model(req.model, engine)
         check_n(req.n, req.best_of)
         check_queue(engine)
         mode = req.tool_choice_mode()
@@ -265,7 +315,7 @@ def build_app(state: ServerState) -> FastAPI:
         parser = output_parser(req, mode, constrained=params.guided_decoding is not None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or state.served_model_names[0]
-        stream = await _start(engine, {"prompt_token_ids": prompt_ids}, params, request_id, req.cache_salt)
+        stream = await _start(engine, {"prompt_token_ids": prompt_ids}, params, request_id, req.cache_salt, lora)
         if state.log_requests:
             logger.info("%s: chat, %d prompt tokens, max_tokens %d, n %d", request_id, len(prompt_ids),
                         max_tokens, params.n)
@@ -290,7 +340,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         engine = state.ready_engine()
-        check_model(req.model)
+        lora = check_model(req.model, engine)
         check_n(req.n, req.best_of)
         check_queue(engine)
         if req.suffix:
@@ -307,7 +357,7 @@ def build_app(state: ServerState) -> FastAPI:
             prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
             return req.sampling_params(max_tokens, req.logprobs, prompt_lp)
 
-        streams = await _start_all(engine, prompts, params_for, base_id, req.cache_salt)
+        streams = await _start_all(engine, prompts, params_for, base_id, req.cache_salt, lora)
         n = req.n
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -410,9 +460,9 @@ def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int, para
 
 
 async def _start(engine: AsyncLLMEngine, prompt: dict, params: Any, request_id: str,
-                 cache_salt: str | None) -> AsyncIterator[RequestOutput]:
+                 cache_salt: str | None, lora: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
     """Start a request and wait for its first output, so bad input fails before any response is sent."""
-    gen = engine.generate(prompt, params, request_id, cache_salt=cache_salt)
+    gen = engine.generate(prompt, params, request_id, cache_salt=cache_salt, lora_request=lora)
     try:
         first = await gen.__anext__()
     except Exception as e:
@@ -444,14 +494,15 @@ def _token_ids(tok: Any, prompts: list[str | list[int]], param: str) -> list[lis
 
 
 async def _start_all(engine: AsyncLLMEngine, prompts: list[list[int]], params_for: Callable[[list[int]], Any],
-                     base_id: str, cache_salt: str | None) -> list[AsyncIterator[RequestOutput]]:
+                     base_id: str, cache_salt: str | None,
+                     lora: LoRARequest | None = None) -> list[AsyncIterator[RequestOutput]]:
     """One request per prompt (ids ``base_id-i``), each started (bad input fails here); if one fails to start, the
     ones already started are stopped."""
     streams: list[AsyncIterator[RequestOutput]] = []
     try:
         for i, ids in enumerate(prompts):
             streams.append(await _start(engine, {"prompt_token_ids": ids}, params_for(ids), f"{base_id}-{i}",
-                                        cache_salt))
+                                        cache_salt, lora))
     except BaseException:
         for s in streams:
             await s.aclose()  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ they can never drift from the engine); per-request histograms are observed when 
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -54,6 +55,12 @@ class _EngineCollector(Collector):
         yield counter("vllm:generation_tokens", "Generation tokens produced.", s.generation_tokens)
         yield counter("flotilla:request_errors", "Requests stopped because their own processing raised "
                       "(each failed alone; the engine went on).", s.request_errors)
+        if s.max_lora:  # vLLM's: the adapters in use, as labels; the value is when it was read
+            lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests.",
+                                     labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+            lora.add_metric([str(s.max_lora), ",".join(s.waiting_lora_adapters), ",".join(s.running_lora_adapters)],
+                            time.time())
+            yield lora
         facts = {
             "model_name": self.model_name,
             "block_size": str(engine.cache_config.block_size),

@@ -366,3 +366,18 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's ``/v1/load_lora_adapter`` body: the adapter's name (what clients send as ``model``) and its path (a
+    folder, a Hugging Face repo id, or s3://)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = ""
+    lora_path: str = ""
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str
+    lora_int_id: int | None = None
