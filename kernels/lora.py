@@ -46,6 +46,20 @@ class LoRABatch:
     uniform: int | None
     #: per segment, its tokens as a device index tensor (the torch path's gathers)
     rows: list[torch.Tensor]
+    #: the torch path computes every slot present for every token at once (see ``lora_batch``)
+    dense: bool = False
+    #: with ``dense``: the slots present, and each token's index among them (0 for a base token, then masked)
+    present: torch.Tensor | None = None
+    present_index: torch.Tensor | None = None
+    #: with ``dense``: ``[T, 1]``, 1 for a token with an adapter, 0 for a base token (None: every token has one)
+    adapter_mask: torch.Tensor | None = None
+
+
+# The torch path's choice: with this many slots present or more, and tokens few enough that multiplying every token by
+# every present slot's weights (one GEMM) costs less than one small GEMM per slot (each a gather, a product and a
+# scatter, ~11 per decoder layer), the products are dense. Measured on SmolLM2-135M (benchmarks/lora.py).
+DENSE_MIN_SLOTS = 3
+DENSE_MAX_TOKENS = 512
 
 
 def lora_batch(token_slots: list[int], device: torch.device | str) -> LoRABatch | None:
@@ -64,17 +78,30 @@ def lora_batch(token_slots: list[int], device: torch.device | str) -> LoRABatch 
         starts.append(len(order))
     uniform = segments[0][0] if len(segments) == 1 and len(order) == len(token_slots) else None
     sorted_tokens = torch.tensor(order, dtype=torch.int32).to(device)
-    return LoRABatch(
+    batch = LoRABatch(
         num_tokens=len(token_slots), segments=segments, sorted_tokens=sorted_tokens,
         seg_starts=torch.tensor(starts, dtype=torch.int32).to(device),
         seg_slots=torch.tensor([s for s, _, _ in segments], dtype=torch.int32).to(device),
         uniform=uniform, rows=[sorted_tokens[a:b].long() for _, a, b in segments])
+    if len(segments) >= DENSE_MIN_SLOTS and len(token_slots) <= DENSE_MAX_TOKENS:
+        where = {slot: i for i, (slot, _, _) in enumerate(segments)}
+        batch.dense = True
+        batch.present = torch.tensor(list(where), dtype=torch.long).to(device)
+        batch.present_index = torch.tensor([where.get(s, 0) for s in token_slots], dtype=torch.long).to(device)
+        if len(order) < len(token_slots):
+            batch.adapter_mask = torch.tensor([[float(s >= 0)] for s in token_slots]).to(device)
+    return batch
 
 
 def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
     """``[T, N]``: each token's ``x @ A[slot].T`` in ``x``'s dtype; zeros for tokens with no adapter."""
     if batch.uniform is not None:
         return F.linear(x, a[batch.uniform])
+    if batch.dense:  # every token times every present slot's A, then each token's own block
+        n = a.shape[1]
+        every = F.linear(x, a.index_select(0, batch.present).reshape(-1, a.shape[2]))
+        y = every.view(x.shape[0], -1, n)[torch.arange(x.shape[0], device=x.device), batch.present_index]
+        return y if batch.adapter_mask is None else y * batch.adapter_mask.to(y.dtype)
     y = x.new_zeros(x.shape[0], a.shape[1])
     for (slot, _, _), rows in zip(batch.segments, batch.rows):
         y.index_copy_(0, rows, F.linear(x.index_select(0, rows), a[slot]))
@@ -89,6 +116,15 @@ def lora_expand_ref(y: torch.Tensor, b: torch.Tensor, batch: LoRABatch, out: tor
     target = out[:, out_offset:out_offset + n]
     if batch.uniform is not None:
         target += F.linear(y[:, y_offset:y_offset + rank], b[batch.uniform])
+        return
+    if batch.dense:  # each token's y in its slot's columns (zeros elsewhere) times every present slot's B
+        tokens, present = y.shape[0], batch.present.shape[0]
+        spread = y.new_zeros(tokens, present, rank)
+        mine = y[:, y_offset:y_offset + rank]
+        spread[torch.arange(tokens, device=y.device), batch.present_index] = (
+            mine if batch.adapter_mask is None else mine * batch.adapter_mask.to(y.dtype))
+        weight = b.index_select(0, batch.present).permute(1, 0, 2).reshape(n, present * rank)
+        target += F.linear(spread.view(tokens, present * rank), weight)
         return
     for (slot, _, _), rows in zip(batch.segments, batch.rows):
         target.index_add_(0, rows, F.linear(y.index_select(0, rows)[:, y_offset:y_offset + rank], b[slot]))

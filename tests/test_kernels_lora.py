@@ -19,11 +19,12 @@ from flotilla.kernels.triton_lora import lora_expand_triton, lora_shrink_triton 
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
-# token slots: -1 = base model. Uniform, mixed with base tokens, interleaved, a long prefill of one adapter
-# beside decodes of others, and every slot used.
+# token slots: -1 = base model. Uniform, mixed with base tokens, two adapters (one GEMM per slot on the torch path),
+# interleaved and a long prefill of one adapter beside decodes of others (every slot used: dense on the torch path).
 SLOT_MIXES = {
     "one-adapter": [2] * 5,
     "with-base": [-1, 0, -1, 0, 0, -1],
+    "two-adapters": [1, 0, 0, -1, 1],
     "interleaved": [1, 0, 3, 1, 0, 3, -1, 2, 2, 1],
     "prefill+decodes": [0, 3, 1] + [2] * 70 + [-1] * 5,
 }
@@ -37,6 +38,12 @@ def _stack(slots, n, k, dtype, seed):
 def _x(tokens, width, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(tokens, width, generator=g).to(dtype).to(DEVICE)
+
+
+def test_the_torch_path_goes_dense_with_many_slots_and_few_tokens():
+    assert not lora_batch(SLOT_MIXES["two-adapters"], "cpu").dense
+    assert lora_batch(SLOT_MIXES["interleaved"], "cpu").dense
+    assert not lora_batch([0, 1, 2] * 200, "cpu").dense  # 600 tokens: a GEMM per slot
 
 
 def test_batch_groups_tokens_by_slot_and_is_none_without_adapters():
