@@ -85,6 +85,8 @@ class Cluster(Protocol):
     def node_labels(self, node_selector: Mapping[str, str]) -> list[dict[str, str]]: ...
     def pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]: ...
     def inference_services(self, namespace: str) -> list[dict[str, Any]]: ...
+    def set_pod_condition(self, namespace: str, pod: str, condition: Mapping[str, Any]) -> None: ...
+    def secret_value(self, namespace: str, name: str, key: str) -> str: ...
 
 
 def label_selector(labels: Mapping[str, str]) -> str:
@@ -195,6 +197,22 @@ class KubeCluster:
         """Set replicas through the scale subresource, exactly as `kubectl scale` and the HPA do."""
         self._call(self._custom.patch_namespaced_custom_object_scale, GROUP, VERSION, namespace, PLURAL, name,
                    {"spec": {"replicas": replicas}})
+
+    def set_pod_condition(self, namespace: str, pod: str, condition: Mapping[str, Any]) -> None:
+        """Set one condition in a pod's status (a readiness gate's); the others are left as the kubelet wrote
+        them (conditions merge by type)."""
+        self._call(self._core.patch_namespaced_pod_status, pod, namespace,
+                   {"status": {"conditions": [dict(condition)]}},
+                   _content_type="application/strategic-merge-patch+json")
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str:
+        import base64
+
+        secret = self._call(self._core.read_namespaced_secret, name, namespace)
+        data = (secret.data or {}).get(key)
+        if data is None:
+            raise NotFound(f"Secret {name} has no key {key!r}")
+        return base64.b64decode(data).decode()
 
     def inference_services(self, namespace: str) -> list[dict[str, Any]]:
         return self._call(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)["items"]

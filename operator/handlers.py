@@ -4,7 +4,9 @@
 - any event on a Deployment, Service or loader Job the operator manages -> reconcile its owners (drift
   repair, fresh readiness and cache state in status);
 - a timer per InferenceService -> reconcile again (level-triggered safety net), scrape the engines,
-  put KV usage and engine facts in status and, in builtin mode, scale.
+  put KV usage and engine facts in status and, in builtin mode, scale; bring every engine to spec.adapters;
+- an engine pod whose server has come up but whose adapters' readiness gate is still closed -> load its adapters
+  and open the gate (adapters.py).
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from typing import Any
 import kopf
 
 from flotilla.operator import metrics
+from flotilla.operator.adapters import adapters_status, engines_to_sync, gate_open, sync_pods
 from flotilla.operator.autoscaler import (
     Activity, decide, fleet_status, history_from_status, history_to_status, scrape_all, track_activity)
 from flotilla.operator.cluster import PLURAL, ApiError, KindNotInstalled, KubeCluster, NotFound, peering_objects
 from flotilla.operator.reconcile import Outcome, reconcile
-from flotilla.operator.render import GROUP, KIND, MANAGED_BY, PORT, VERSION, selector_labels
+from flotilla.operator.render import ADAPTERS_CONDITION, GROUP, KIND, MANAGED_BY, PORT, VERSION, selector_labels
 from flotilla.operator.settings import OperatorSettings
-from flotilla.operator.spec import SpecError, parse_service
+from flotilla.operator.spec import InferenceService, SpecError, parse_service
 
 SETTINGS = OperatorSettings.from_environment()
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
@@ -152,6 +155,12 @@ async def observe(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: logging
         metrics.KV_CACHE_UTILIZATION.labels(svc.namespace, svc.name).set(float(fleet["kvCacheUtilization"]))
     metrics.DESIRED_REPLICAS.labels(svc.namespace, svc.name).set(svc.desired_replicas)
 
+    if svc.lora is not None:
+        adapters = await _sync_adapters(svc, pods, cluster, logger)
+        if adapters is not None:
+            _post_adapter_failures(body, adapters)
+            patch.status.update(adapters)
+
     a = svc.autoscaling
     if not (a.enabled and a.mode == "builtin"):
         return
@@ -172,3 +181,55 @@ async def observe(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: logging
         logger.info("%s: %s", decision.reason, decision.message)
     elif decision.reason != previous.get("reason") and decision.reason in ("HeldUnreachable", "NoMetrics"):
         kopf.event(body, type="Warning", reason=decision.reason, message=decision.message)
+
+
+async def _sync_adapters(svc: InferenceService, pods: list[dict[str, Any]], cluster: KubeCluster,
+                         logger: logging.Logger) -> dict[str, Any] | None:
+    """Bring the engine pods to spec.adapters and open the readiness gate of each one brought there; the status
+    of the pass (None when the API key could not be read)."""
+    api_key = None
+    if svc.api_key_secret_ref is not None:
+        ref = svc.api_key_secret_ref
+        try:
+            api_key = await asyncio.to_thread(cluster.secret_value, svc.namespace, ref.name, ref.key)
+        except (NotFound, ApiError) as e:
+            logger.warning("adapters not synced: the API key of %s/%s is unreadable: %s", svc.namespace, svc.name, e)
+            return None
+    by_name = {p["metadata"]["name"]: p for p in pods}
+    results = await sync_pods(engines_to_sync(pods), svc.adapters, api_key)
+    for r in results:
+        if r.error is None and not gate_open(by_name[r.pod]):
+            condition = {"type": ADAPTERS_CONDITION, "status": "True", "reason": "AdaptersLoaded",
+                         "message": f"{len(r.loaded)} of {len(svc.adapters)} adapters loaded",
+                         "lastTransitionTime": _now()}
+            try:
+                await asyncio.to_thread(cluster.set_pod_condition, svc.namespace, r.pod, condition)
+            except (NotFound, ApiError) as e:
+                logger.warning("pod %s/%s: readiness gate not set: %s", svc.namespace, r.pod, e)
+    return adapters_status(svc.adapters, results)
+
+
+def _post_adapter_failures(body: Any, adapters: dict[str, Any]) -> None:
+    """A Warning event when an adapter's refusal is new (not in the status already)."""
+    before = {a.get("name"): a.get("message") for a in (body.get("status") or {}).get("adapters") or ()}
+    for a in adapters["adapters"]:
+        if a.get("message") and before.get(a["name"]) != a["message"]:
+            kopf.event(body, type="Warning", reason="AdapterLoadFailed", message=f"{a['name']}: {a['message']}")
+
+
+@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/name": "flotilla-engine", **MANAGED})
+async def on_engine_pod(body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any) -> None:
+    """A new engine's server is up but its adapters' gate is closed: load them now rather than at the next timer
+    tick, so the pod joins the Service as soon as it can serve every adapter."""
+    if gate_open(body) or not engines_to_sync([body]):
+        return
+    cluster = _cluster(memo)
+    meta = body["metadata"]
+    try:
+        service = await asyncio.to_thread(cluster.get_service, meta["namespace"],
+                                          meta["labels"]["app.kubernetes.io/instance"])
+        svc = parse_service(service, SETTINGS.engine_image)
+    except (NotFound, ApiError, SpecError, KeyError):
+        return  # no readable owner: the timer reports it
+    if svc.lora is not None:
+        await _sync_adapters(svc, [dict(body)], cluster, logger)

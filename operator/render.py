@@ -39,6 +39,10 @@ CREDENTIAL_KEYS = ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AW
 MODELS_MOUNT = "/models"
 
 
+# The pod condition the operator sets once a pod has spec.adapters loaded (a readiness gate of LoRA engines).
+ADAPTERS_CONDITION = f"{GROUP}/adapters-loaded"
+
+
 def selector_labels(svc: InferenceService) -> dict[str, str]:
     """Labels that select this service's pods; immutable on a Deployment, so never extend them."""
     return {"app.kubernetes.io/name": "flotilla-engine", "app.kubernetes.io/instance": svc.name}
@@ -103,6 +107,10 @@ def engine_args(svc: InferenceService) -> list[str]:
     if e.quantization:
         args += ["--quantization", e.quantization]
     args += ["--tensor-parallel-size", str(e.tensor_parallel_size)]
+    if svc.lora is not None:  # the adapters themselves are loaded at run time (adapters.py): no restart per change
+        args += ["--enable-lora", "--max-loras", str(svc.lora.max_loras), "--max-lora-rank", str(svc.lora.max_lora_rank)]
+        if svc.lora.max_cpu_loras is not None:
+            args += ["--max-cpu-loras", str(svc.lora.max_cpu_loras)]
     return args + list(e.extra_args)
 
 
@@ -162,6 +170,8 @@ def _env(svc: InferenceService) -> list[dict[str, Any]]:
         ref = svc.api_key_secret_ref
         env.append({"name": "FLOTILLA_API_KEY",
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if svc.lora is not None:  # the operator loads and unloads spec.adapters through the engine's endpoints
+        env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "true"})
     return env + _credentials_env(svc) + [dict(e) for e in svc.env]
 
 
@@ -249,6 +259,10 @@ def render_deployment(svc: InferenceService, config: Mapping[str, Any] | None = 
         pod_spec["affinity"] = dict(svc.affinity)
     if svc.priority_class_name:
         pod_spec["priorityClassName"] = svc.priority_class_name
+    if svc.lora is not None:
+        # Ready only once the operator has loaded spec.adapters into the pod (adapters.py sets the condition): a
+        # Service never sends a request for an adapter to a pod still without it.
+        pod_spec["readinessGates"] = [{"conditionType": ADAPTERS_CONDITION}]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

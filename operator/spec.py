@@ -131,6 +131,25 @@ class ModelCacheSpec:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter served on the base model: ``name`` is what clients send as ``model``; ``uri`` a Hugging Face
+    repo id (``ORG/NAME``, ``hf://ORG/NAME[@REV]``), ``s3://bucket/prefix`` or a path in the image."""
+
+    name: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """The engine's multi-LoRA settings (vLLM's --max-loras, --max-lora-rank, --max-cpu-loras). Set (or implied by
+    ``spec.adapters``), the engines start with LoRA on, and adapters come and go without a restart."""
+
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+
+@dataclass(frozen=True)
 class InferenceService:
     """One InferenceService, typed. `name`/`namespace`/`uid` come from metadata (owner references)."""
 
@@ -155,6 +174,8 @@ class InferenceService:
     priority_class_name: str | None = None
     #: Seconds the engine gets to finish in-flight requests after SIGTERM.
     drain_seconds: int = 120
+    adapters: tuple[AdapterSpec, ...] = ()
+    lora: LoRASpec | None = None
 
     @property
     def served_model_name(self) -> str:
@@ -276,6 +297,50 @@ def _autoscaling(d: Mapping[str, Any]) -> AutoscalingSpec:
     )
 
 
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _lora(spec: Mapping[str, Any]) -> tuple[tuple[AdapterSpec, ...], LoRASpec | None]:
+    raw = spec.get("adapters")
+    adapters = []
+    for i, a in enumerate(raw or ()):
+        if not isinstance(a, Mapping) or not a.get("name") or not a.get("uri"):
+            raise SpecError(f"adapters[{i}]: needs name and uri")
+        adapters.append(AdapterSpec(str(a["name"]), str(a["uri"])))
+    d = spec.get("lora")
+    if d is None and raw is None:
+        return (), None
+    base = LoRASpec()
+    d = d or {}
+    return tuple(adapters), LoRASpec(max_loras=_get(d, "maxLoras", int, base.max_loras),
+                                     max_lora_rank=_get(d, "maxLoraRank", int, base.max_lora_rank),
+                                     max_cpu_loras=_opt(d, "maxCpuLoras", int))
+
+
+def _validate_lora(svc: InferenceService) -> None:
+    names = [a.name for a in svc.adapters]
+    for a in svc.adapters:
+        if not _ADAPTER_NAME.match(a.name):
+            raise SpecError(f"adapters: name {a.name!r} must be 1-128 letters, digits and . _ : / -")
+        if a.uri.startswith("pvc://"):
+            raise SpecError(f"adapters: {a.name}: pvc:// is not mounted for adapters; use a hub repo, s3:// or a "
+                            "path in the image")
+    if len(set(names)) != len(names):
+        raise SpecError(f"adapters: names must be unique ({', '.join(names)})")
+    if svc.served_model_name in names:
+        raise SpecError(f"adapters: {svc.served_model_name!r} is the base model's served name")
+    lora = svc.lora
+    if lora is None:
+        return
+    if lora.max_loras < 1:
+        raise SpecError(f"lora.maxLoras must be >= 1, got {lora.max_loras}")
+    if lora.max_lora_rank not in LORA_RANKS:
+        raise SpecError(f"lora.maxLoraRank must be one of {', '.join(map(str, LORA_RANKS))}, got {lora.max_lora_rank}")
+    if lora.max_cpu_loras is not None and lora.max_cpu_loras < lora.max_loras:
+        raise SpecError(f"lora.maxCpuLoras ({lora.max_cpu_loras}) must be >= lora.maxLoras ({lora.max_loras})")
+
+
 def validate(svc: InferenceService) -> None:
     """Cross-field rules. The CRD's CEL rules say the same; this copy guards objects stored before them."""
     e, r, a = svc.engine, svc.resources, svc.autoscaling
@@ -299,6 +364,7 @@ def validate(svc: InferenceService) -> None:
             f"autoscaling.targetKVCacheUtilization must be in (0, 1), got {a.target_kv_cache_utilization}")
     if a.target_waiting_requests is not None and a.target_waiting_requests <= 0:
         raise SpecError("autoscaling.targetWaitingRequests must be > 0")
+    _validate_lora(svc)
 
 
 def parse_service(body: Mapping[str, Any], default_image: str | None = None) -> InferenceService:
@@ -310,6 +376,7 @@ def parse_service(body: Mapping[str, Any], default_image: str | None = None) -> 
     api_key = spec.get("apiKeySecretRef")
     cache = spec.get("modelCache")
     try:
+        adapters, lora = _lora(spec)
         svc = InferenceService(
             name=meta["name"],
             namespace=meta.get("namespace") or "default",
@@ -331,6 +398,8 @@ def parse_service(body: Mapping[str, Any], default_image: str | None = None) -> 
             pod_annotations=dict(spec.get("podAnnotations") or {}),
             priority_class_name=_opt(spec, "priorityClassName", str),
             drain_seconds=_get(spec, "drainSeconds", int, 120),
+            adapters=adapters,
+            lora=lora,
         )
     except KeyError as e:
         raise SpecError(f"missing required field {e.args[0]}") from None

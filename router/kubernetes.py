@@ -61,9 +61,10 @@ def table_from(services: list[dict[str, Any]], slices: list[dict[str, Any]]) -> 
             continue
         if (body.get("metadata") or {}).get("deletionTimestamp"):
             continue
-        model = svc.served_model_name
-        table.setdefault(model, []).extend(_ready_urls(by_service.get((svc.namespace, svc.name), [])))
-        owners.setdefault(model, []).append((svc.namespace, svc.name, svc.replicas))
+        urls = _ready_urls(by_service.get((svc.namespace, svc.name), []))
+        for model in (svc.served_model_name, *(a.name for a in svc.adapters)):  # an adapter is served by its base's
+            table.setdefault(model, []).extend(urls)                               # engines
+            owners.setdefault(model, []).append((svc.namespace, svc.name, svc.replicas))
     return table, owners
 
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from flotilla.operator.spec import AutoscalingSpec, EngineSpec, ResourceSpec, parse_service
+from flotilla.operator.spec import AutoscalingSpec, EngineSpec, LoRASpec, ResourceSpec, parse_service
 from operator_fixtures.oracle import ROOT, admit, crd, crd_schema, k8s_errors, load_yaml_docs
 
 SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
@@ -123,7 +123,7 @@ def _camel(name: str) -> str:
 
 
 @pytest.mark.parametrize("section,dataclass", [("engine", EngineSpec), ("resources", ResourceSpec),
-                                               ("autoscaling", AutoscalingSpec)])
+                                               ("autoscaling", AutoscalingSpec), ("lora", LoRASpec)])
 def test_crd_defaults_equal_the_operator_defaults(section, dataclass):
     crd_defaults = _defaults(crd_schema()["properties"]["spec"]["properties"][section])
     instance = dataclass()
@@ -171,6 +171,13 @@ INVALID = [
      "minReplicas 0 (scale to zero) needs mode builtin"),
     ("a too short idle time", lambda b: b["spec"].update(autoscaling={"minReplicas": 0, "scaleToZeroAfterSeconds": 5}),
      "scaleToZeroAfterSeconds"),
+    ("an adapter on a pvc", lambda b: b["spec"].update(adapters=[{"name": "a", "uri": "pvc://claim/a"}]),
+     "pvc:// is not mounted for adapters"),
+    ("an adapter without a uri", lambda b: b["spec"].update(adapters=[{"name": "a"}]), "uri"),
+    ("an adapter name with a space", lambda b: b["spec"].update(adapters=[{"name": "a b", "uri": "org/a"}]), "name"),
+    ("cpu loras below loras", lambda b: b["spec"].update(lora={"maxLoras": 8, "maxCpuLoras": 4}),
+     "lora.maxCpuLoras must be >= lora.maxLoras"),
+    ("a lora rank vllm does not take", lambda b: b["spec"].update(lora={"maxLoraRank": 24}), "maxLoraRank"),
 ]
 
 
@@ -195,6 +202,9 @@ VALID_EDGES = [
     ("hub repo at a revision with credentials",
      {"model": {"uri": "hf://org/model", "revision": "v1.0", "credentialsSecretRef": {"name": "hf"}}}),
     ("s3 model", {"model": {"uri": "s3://bucket/models/llama-8b", "credentialsSecretRef": {"name": "aws"}}}),
+    ("adapters with lora's defaults", {"adapters": [{"name": "sql-lora", "uri": "org/sql-lora"},
+                                                    {"name": "org/chat:v2", "uri": "s3://bucket/chat"}]}),
+    ("lora on, no adapters yet", {"lora": {"maxLoras": 1, "maxLoraRank": 64, "maxCpuLoras": 1}}),
 ]
 
 
@@ -210,7 +220,8 @@ OPERATOR_CHECKED = {"min above max", "gpu util over 0.95", "gpu util zero", "gpu
                     "target kv 1", "target kv 0", "tp above gpus", "tp without gpus", "bad mode",
                     "negative replicas", "bad pvc uri", "no model", "zero waiting target",
                     "revision of an s3 model", "revision twice", "scale to zero under the hpa",
-                    "a too short idle time"}
+                    "a too short idle time", "an adapter on a pvc", "an adapter without a uri",
+                    "an adapter name with a space", "cpu loras below loras", "a lora rank vllm does not take"}
 
 
 @pytest.mark.parametrize("label,mutate", [(i[0], i[1]) for i in INVALID if i[0] in OPERATOR_CHECKED],
