@@ -377,11 +377,23 @@ CACHE_CLAIM = "shared-models"
 
 
 @pytest.fixture(scope="module")
-def hub_for_pods(tiny_llama):
-    """The hub stand-in on the node's address: the loader Job's pod downloads from it through HF_ENDPOINT."""
+def adapters_of_tiny(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """Two PEFT LoRA adapters of the tiny model, served by the hub stand-in as repos of their own."""
+    from lora_fixtures import build_adapter
+
+    return {name: build_adapter(tiny_llama, tmp_path_factory.mktemp(name), seed, rank=8)
+            for name, seed in (("sql-lora", 21), ("chat-lora", 22))}
+
+
+@pytest.fixture(scope="module")
+def hub_for_pods(tiny_llama, adapters_of_tiny):
+    """The hub stand-in on the node's address: the loader Job's pod downloads from it through HF_ENDPOINT, the
+    engines their adapters."""
     from hub_standin import HubStandIn, Repo
 
-    hub = HubStandIn({TINY: Repo({"main": tiny_llama})}).start(host=NODE_IP)
+    hub = HubStandIn({TINY: Repo({"main": tiny_llama}),
+                      **{f"flotilla-test/{name}": Repo({"main": folder}) for name, folder in adapters_of_tiny.items()}}
+                     ).start(host=NODE_IP)
     yield hub
     hub.stop()
 
@@ -460,3 +472,54 @@ def test_one_loader_job_fills_a_shared_cache_that_two_services_serve_from_offlin
     wait_for(lambda: kubectl("get", "job", job["metadata"]["name"], "-n", NS, "--ignore-not-found", "-o", "name")
              == "", timeout=120, what="the loader Job gone with its last owner")
 
+
+# --- LoRA adapters loaded into running engines ----------------------------------------------------------
+
+def test_adapters_are_loaded_into_the_running_engine_and_changed_without_a_restart(node, hub_for_pods, tiny_llama,
+                                                                                   adapters_of_tiny, tokenizer):
+    """spec.adapters from the hub: the pod turns Ready only once the operator has loaded them (its readiness gate);
+    a request's model picks the adapter and its greedy output is peft's (the adapter merged); adding one adapter and
+    dropping another changes what the same pod serves, with no restart."""
+    from lora_fixtures import peft_greedy
+
+    name = "tiny-lora"
+    body = cached_service(name, hub_for_pods.url)
+    body["spec"].pop("modelCache")  # the engine downloads the model itself
+    body["spec"]["adapters"] = [{"name": "sql", "uri": "flotilla-test/sql-lora"}]
+    body["spec"]["lora"] = {"maxLoras": 2, "maxLoraRank": 8}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(body))
+
+    def status() -> dict[str, Any]:
+        return get("inferenceservice", name).get("status") or {}
+
+    wait_for(lambda: condition(get("inferenceservice", name), "Ready").get("status") == "True", timeout=600,
+             what=f"{name} Ready (model and adapter downloaded, adapter loaded: {status().get('adapters')})")
+    [pod] = ready_pods(name)
+    assert condition(pod, "flotilla.dev/adapters-loaded").get("status") == "True"
+    wait_for(lambda: [a.get("readyReplicas") for a in status().get("adapters") or ()] == [1], timeout=120,
+             what="status.adapters to count the pod")
+    api = client(f"http://{get('service', name)['spec']['clusterIP']}:8000/v1")
+    prompt = [1, 1000, 23, 4, 511, 98, 12, 3, 17]
+
+    def ask(model: str) -> str:
+        reply = api.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                       extra_body={"min_tokens": 8})
+        return reply.choices[0].text
+
+    def want(adapter: str) -> str:
+        return tokenizer.decode(peft_greedy(tiny_llama, adapters_of_tiny[adapter], prompt, 8), skip_special_tokens=True)
+
+    assert ask("sql") == want("sql-lora")
+    assert {m.id: m.parent for m in api.models.list().data}["sql"] == "tiny"
+
+    uid = pod["metadata"]["uid"]
+    kubectl("patch", "inferenceservice", name, "--type", "merge", "-p", json.dumps(
+        {"spec": {"adapters": [{"name": "chat", "uri": "flotilla-test/chat-lora"}]}}))
+    wait_for(lambda: {m.id for m in api.models.list().data} == {"tiny", "chat"}, timeout=180,
+             what=f"the pod to serve chat alone (status: {status().get('adapterPods')})")
+    assert ask("chat") == want("chat-lora")
+    [same] = ready_pods(name)
+    assert same["metadata"]["uid"] == uid and same["status"]["containerStatuses"][0]["restartCount"] == 0
+    wait_for(lambda: status().get("adapterPods") == [{"pod": same["metadata"]["name"], "loaded": ["chat"]}],
+             timeout=120, what="status.adapterPods to show the change")
+    kubectl("delete", "inferenceservice", name, "-n", NS, "--wait=true", timeout=300)
