@@ -29,6 +29,8 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # the shared model cache's loader Jobs (model_cache.py): created once, owners added, failed ones replaced
     ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),
     ("", "pods", ("get", "list", "watch")),
+    # LoRA engines' readiness gate, opened once spec.adapters are loaded into the pod (adapters.py)
+    ("", "pods/status", ("patch",)),
     # the namespace's router (router_objects.py): its account, and a Role holding what the router calls (which the
     # operator must hold itself to grant)
     ("", "serviceaccounts", ("get", "patch", "create")),
@@ -86,7 +88,6 @@ class Cluster(Protocol):
     def pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]: ...
     def inference_services(self, namespace: str) -> list[dict[str, Any]]: ...
     def set_pod_condition(self, namespace: str, pod: str, condition: Mapping[str, Any]) -> None: ...
-    def secret_value(self, namespace: str, name: str, key: str) -> str: ...
 
 
 def label_selector(labels: Mapping[str, str]) -> str:
@@ -204,15 +205,6 @@ class KubeCluster:
         self._call(self._core.patch_namespaced_pod_status, pod, namespace,
                    {"status": {"conditions": [dict(condition)]}},
                    _content_type="application/strategic-merge-patch+json")
-
-    def secret_value(self, namespace: str, name: str, key: str) -> str:
-        import base64
-
-        secret = self._call(self._core.read_namespaced_secret, name, namespace)
-        data = (secret.data or {}).get(key)
-        if data is None:
-            raise NotFound(f"Secret {name} has no key {key!r}")
-        return base64.b64decode(data).decode()
 
     def inference_services(self, namespace: str) -> list[dict[str, Any]]:
         return self._call(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)["items"]

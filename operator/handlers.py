@@ -157,9 +157,8 @@ async def observe(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: logging
 
     if svc.lora is not None:
         adapters = await _sync_adapters(svc, pods, cluster, logger)
-        if adapters is not None:
-            _post_adapter_failures(body, adapters)
-            patch.status.update(adapters)
+        _post_adapter_failures(body, adapters)
+        patch.status.update(adapters)
 
     a = svc.autoscaling
     if not (a.enabled and a.mode == "builtin"):
@@ -184,19 +183,11 @@ async def observe(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: logging
 
 
 async def _sync_adapters(svc: InferenceService, pods: list[dict[str, Any]], cluster: KubeCluster,
-                         logger: logging.Logger) -> dict[str, Any] | None:
+                         logger: logging.Logger) -> dict[str, Any]:
     """Bring the engine pods to spec.adapters and open the readiness gate of each one brought there; the status
-    of the pass (None when the API key could not be read)."""
-    api_key = None
-    if svc.api_key_secret_ref is not None:
-        ref = svc.api_key_secret_ref
-        try:
-            api_key = await asyncio.to_thread(cluster.secret_value, svc.namespace, ref.name, ref.key)
-        except (NotFound, ApiError) as e:
-            logger.warning("adapters not synced: the API key of %s/%s is unreadable: %s", svc.namespace, svc.name, e)
-            return None
+    of the pass."""
     by_name = {p["metadata"]["name"]: p for p in pods}
-    results = await sync_pods(engines_to_sync(pods), svc.adapters, api_key)
+    results = await sync_pods(engines_to_sync(pods), svc.adapters)
     for r in results:
         if r.error is None and not gate_open(by_name[r.pod]):
             condition = {"type": ADAPTERS_CONDITION, "status": "True", "reason": "AdaptersLoaded",

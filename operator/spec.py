@@ -330,6 +330,9 @@ def _validate_lora(svc: InferenceService) -> None:
         raise SpecError(f"adapters: names must be unique ({', '.join(names)})")
     if svc.served_model_name in names:
         raise SpecError(f"adapters: {svc.served_model_name!r} is the base model's served name")
+    if svc.lora is not None and svc.api_key_secret_ref is not None:
+        raise SpecError("adapters / lora with apiKeySecretRef: the operator loads adapters through the engines' "
+                        "endpoints, which the API key guards, and it never reads Secrets; drop one of them")
     lora = svc.lora
     if lora is None:
         return

@@ -178,6 +178,8 @@ INVALID = [
     ("cpu loras below loras", lambda b: b["spec"].update(lora={"maxLoras": 8, "maxCpuLoras": 4}),
      "lora.maxCpuLoras must be >= lora.maxLoras"),
     ("a lora rank vllm does not take", lambda b: b["spec"].update(lora={"maxLoraRank": 24}), "maxLoraRank"),
+    ("adapters behind an api key", lambda b: b["spec"].update(adapters=[{"name": "a", "uri": "org/a"}],
+                                                             apiKeySecretRef={"name": "keys"}), "never reads Secrets"),
 ]
 
 
@@ -221,7 +223,8 @@ OPERATOR_CHECKED = {"min above max", "gpu util over 0.95", "gpu util zero", "gpu
                     "negative replicas", "bad pvc uri", "no model", "zero waiting target",
                     "revision of an s3 model", "revision twice", "scale to zero under the hpa",
                     "a too short idle time", "an adapter on a pvc", "an adapter without a uri",
-                    "an adapter name with a space", "cpu loras below loras", "a lora rank vllm does not take"}
+                    "an adapter name with a space", "cpu loras below loras", "a lora rank vllm does not take",
+                    "adapters behind an api key"}
 
 
 @pytest.mark.parametrize("label,mutate", [(i[0], i[1]) for i in INVALID if i[0] in OPERATOR_CHECKED],
