@@ -109,9 +109,36 @@ def engines_to_sync(pods: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+def engine_started(pod: Mapping[str, Any]) -> str:
+    """When the pod's engine container last started ("" when it is not running): a restarted engine has lost the
+    adapters loaded into it."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or ():
+        if cs.get("name") == "engine":
+            return str(((cs.get("state") or {}).get("running") or {}).get("startedAt") or "")
+    return ""
+
+
+def gate_condition(pod: Mapping[str, Any], loaded: int, wanted: int) -> dict[str, Any]:
+    """The readiness gate's condition once the engine running now has been brought to the spec; it names that
+    engine's start, so a restart shows (``gate_open``)."""
+    return {"type": ADAPTERS_CONDITION, "status": "True", "reason": "AdaptersLoaded",
+            "message": f"{loaded} of {wanted} adapters loaded into the engine started at {engine_started(pod)}"}
+
+
+def _gate(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    return next((c for c in (pod.get("status") or {}).get("conditions") or () if c.get("type") == ADAPTERS_CONDITION),
+                {})
+
+
 def gate_open(pod: Mapping[str, Any]) -> bool:
-    return any(c.get("type") == ADAPTERS_CONDITION and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or ())
+    """The gate is open for the engine running now (not for one that has since restarted)."""
+    gate = _gate(pod)
+    return gate.get("status") == "True" and str(gate.get("message", "")).endswith(f" started at {engine_started(pod)}")
+
+
+def gate_stale(pod: Mapping[str, Any]) -> bool:
+    """Open, but for an engine that has restarted since: it must close before the new engine turns ready."""
+    return _gate(pod).get("status") == "True" and not gate_open(pod)
 
 
 def adapters_status(desired: Sequence[AdapterSpec], results: Sequence[PodAdapters]) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing import Any
 import kopf
 
 from flotilla.operator import metrics
-from flotilla.operator.adapters import adapters_status, engines_to_sync, gate_open, sync_pods
+from flotilla.operator.adapters import (
+    adapters_status, engines_to_sync, gate_condition, gate_open, gate_stale, sync_pods)
 from flotilla.operator.autoscaler import (
     Activity, decide, fleet_status, history_from_status, history_to_status, scrape_all, track_activity)
 from flotilla.operator.cluster import PLURAL, ApiError, KindNotInstalled, KubeCluster, NotFound, peering_objects
@@ -190,8 +191,7 @@ async def _sync_adapters(svc: InferenceService, pods: list[dict[str, Any]], clus
     results = await sync_pods(engines_to_sync(pods), svc.adapters)
     for r in results:
         if r.error is None and not gate_open(by_name[r.pod]):
-            condition = {"type": ADAPTERS_CONDITION, "status": "True", "reason": "AdaptersLoaded",
-                         "message": f"{len(r.loaded)} of {len(svc.adapters)} adapters loaded",
+            condition = {**gate_condition(by_name[r.pod], len(r.loaded), len(svc.adapters)),
                          "lastTransitionTime": _now()}
             try:
                 await asyncio.to_thread(cluster.set_pod_condition, svc.namespace, r.pod, condition)
@@ -211,11 +211,20 @@ def _post_adapter_failures(body: Any, adapters: dict[str, Any]) -> None:
 @kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/name": "flotilla-engine", **MANAGED})
 async def on_engine_pod(body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any) -> None:
     """A new engine's server is up but its adapters' gate is closed: load them now rather than at the next timer
-    tick, so the pod joins the Service as soon as it can serve every adapter."""
-    if gate_open(body) or not engines_to_sync([body]):
-        return
+    tick, so the pod joins the Service as soon as it can serve every adapter. An engine that restarted (its adapters
+    gone with it) has its gate closed first, before the kubelet can call it ready again."""
     cluster = _cluster(memo)
     meta = body["metadata"]
+    if gate_stale(body):
+        condition = {"type": ADAPTERS_CONDITION, "status": "False", "reason": "EngineRestarted",
+                     "message": "the engine restarted: its adapters are being loaded again",
+                     "lastTransitionTime": _now()}
+        try:
+            await asyncio.to_thread(cluster.set_pod_condition, meta["namespace"], meta["name"], condition)
+        except (NotFound, ApiError) as e:
+            logger.warning("pod %s/%s: readiness gate not closed: %s", meta["namespace"], meta["name"], e)
+    if gate_open(body) or not engines_to_sync([body]):
+        return
     try:
         service = await asyncio.to_thread(cluster.get_service, meta["namespace"],
                                           meta["labels"]["app.kubernetes.io/instance"])

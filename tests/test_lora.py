@@ -180,6 +180,11 @@ def test_adapters_the_engine_cannot_serve_are_refused_with_the_reason(llama_with
     assert engine.add_lora(LoRARequest("sql", 1, str(adapters["sql"]))) is True
     assert engine.add_lora(LoRARequest("sql", 1, str(adapters["sql"]))) is False
     refused(adapters["math"], "already been loaded", name="sql")
+    # unloaded: gone for new requests, and its id is never taken again (a request racing the unload fails)
+    assert engine.remove_lora(1) is True and engine.remove_lora(1) is False and engine.list_loras() == set()
+    with pytest.raises(ValueError, match="since unloaded"):
+        llm.generate("hi", use_tqdm=False, lora_request=LoRARequest("sql", 1, str(adapters["sql"])))
+    assert engine.add_lora(LoRARequest("sql", engine.lora.new_id(), str(adapters["sql"]))) is True
     with pytest.raises(ValueError, match="enable_lora"):
         LLM(str(base), dtype="float32", num_gpu_blocks_override=64).generate(
             "hi", use_tqdm=False, lora_request=LoRARequest("sql", 1, str(adapters["sql"])))

@@ -15,7 +15,8 @@ from lora_fixtures import build_adapter
 from operator_fixtures.oracle import admit, k8s_errors
 from server_process import ServerProcess
 
-from flotilla.operator.adapters import adapters_status, engines_to_sync, gate_open, loaded_adapters, plan, sync_pods
+from flotilla.operator.adapters import (
+    adapters_status, engines_to_sync, gate_condition, gate_open, gate_stale, loaded_adapters, plan, sync_pods)
 from flotilla.operator.render import ADAPTERS_CONDITION, render_deployment
 from flotilla.operator.spec import AdapterSpec, parse_service
 from flotilla.router.kubernetes import table_from
@@ -71,19 +72,28 @@ def test_plan_loads_the_missing_reloads_the_changed_and_unloads_the_rest():
     assert loaded_adapters(models) == {"a": "org/a"}
 
 
-def _pod(name, ip, containers_ready, gate=None, deleting=False):
-    conditions = [{"type": "ContainersReady", "status": "True" if containers_ready else "False"}]
+def _pod(name, ip, containers_ready, gate=None, deleting=False, started="2026-11-25T01:00:00Z"):
+    pod = {"metadata": {"name": name, **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})},
+           "status": {"podIP": ip, "conditions": [
+               {"type": "ContainersReady", "status": "True" if containers_ready else "False"}],
+               "containerStatuses": [{"name": "engine", "state": {"running": {"startedAt": started}}}]}}
     if gate is not None:
-        conditions.append({"type": ADAPTERS_CONDITION, "status": gate})
-    meta = {"name": name, **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})}
-    return {"metadata": meta, "status": {"podIP": ip, "conditions": conditions}}
+        pod["status"]["conditions"].append({**gate_condition(pod, 1, 1), "status": gate})
+    return pod
 
 
 def test_pods_are_synced_once_their_server_answers_gate_or_not():
     pods = [_pod("up", "10.0.0.1", True), _pod("loading", "10.0.0.2", False), _pod("gated", "10.0.0.3", True, "False"),
             _pod("leaving", "10.0.0.4", True, "True", deleting=True)]
     assert engines_to_sync(pods) == [("up", "http://10.0.0.1:8000"), ("gated", "http://10.0.0.3:8000")]
-    assert not gate_open(pods[2]) and gate_open(pods[3])
+    assert not gate_open(pods[2]) and gate_open(pods[3]) and not gate_stale(pods[3])
+
+
+def test_a_restarted_engine_finds_its_gate_stale():
+    """The gate names the engine start it was opened for: after a restart (adapters gone) it no longer counts."""
+    pod = _pod("p", "10.0.0.1", False, "True")
+    pod["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": "2026-11-25T02:00:00Z"}}
+    assert not gate_open(pod) and gate_stale(pod)
 
 
 def test_the_router_sends_an_adapter_to_its_base_models_engines():

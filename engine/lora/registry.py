@@ -31,11 +31,12 @@ class LoRARegistry:
         self._by_id: dict[int, Adapter] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._removed: set[int] = set()  # ids unloaded: never registered again (a request racing an unload)
 
     def new_id(self) -> int:
         """An id no adapter registered here has used (the server's adapters take theirs from here)."""
         with self._lock:
-            used = set(self._by_id)
+            used = set(self._by_id) | self._removed
             while (i := next(self._ids)) in used:
                 pass
             return i
@@ -44,6 +45,9 @@ class LoRARegistry:
         """Register (and read) an adapter; False when this id is already registered with the same name and path.
         ``ValueError`` when the name or id is taken by another adapter, or the adapter cannot be served."""
         with self._lock:
+            if request.lora_int_id in self._removed:
+                raise ValueError(f"lora_int_id: {request.lora_int_id} was adapter {request.lora_name!r}, since "
+                                 "unloaded; load it again under a new id")
             held = self._by_id.get(request.lora_int_id)
             if held is not None:
                 if (held.request.lora_name, held.request.lora_path) == (request.lora_name, request.lora_path):
@@ -64,6 +68,8 @@ class LoRARegistry:
     def remove(self, adapter_id: int) -> bool:
         with self._lock:
             gone = self._by_id.pop(adapter_id, None)
+            if gone is not None:
+                self._removed.add(adapter_id)
         if gone is not None:
             self.manager.forget(adapter_id)
         return gone is not None
