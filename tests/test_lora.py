@@ -98,6 +98,27 @@ def test_more_adapters_than_slots_swap_through_them_lru(llama_with_adapters):
     assert_pool_whole(llm.llm_engine)
 
 
+def test_an_adapter_whose_folder_vanished_fails_its_own_requests_only(llama_with_adapters, tmp_path):
+    """Registered, then its folder deleted and its host copy evicted (max_cpu_loras 1): its request ends with an
+    error naming the adapter, the others in the same batch finish with the right output, the engine serves on."""
+    import shutil
+
+    base, adapters = llama_with_adapters
+    doomed = shutil.copytree(adapters["math"], tmp_path / "doomed")
+    llm = LLM(str(base), dtype="float32", enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=16,
+              num_gpu_blocks_override=128)
+    engine = llm.llm_engine
+    gone, sql = LoRARequest("doomed", 1, str(doomed)), LoRARequest("sql", 2, str(adapters["sql"]))
+    assert engine.add_lora(gone) and engine.add_lora(sql)  # sql's read evicts doomed's host copy
+    shutil.rmtree(doomed)
+    outs = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 3, _greedy_params(), use_tqdm=False,
+                        lora_request=[sql, gone, None])
+    assert outs[1].error is not None and "doomed" in outs[1].error and outs[1].outputs[0].finish_reason == "error"
+    assert outs[0].outputs[0].token_ids == peft_greedy(base, adapters["sql"], PROMPTS[0], STEPS)
+    assert outs[2].outputs[0].token_ids == hf_greedy(base, PROMPTS[0], STEPS)
+    assert_pool_whole(engine)
+
+
 def test_the_prefix_cache_is_keyed_by_adapter(llama_with_adapters):
     base, adapters = llama_with_adapters
     reqs = _requests(adapters)

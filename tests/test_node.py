@@ -480,6 +480,7 @@ def test_adapters_are_loaded_into_the_running_engine_and_changed_without_a_resta
     """spec.adapters from the hub: the pod turns Ready only once the operator has loaded them (its readiness gate);
     a request's model picks the adapter and its greedy output is peft's (the adapter merged); adding one adapter and
     dropping another changes what the same pod serves, with no restart."""
+    import openai
     from lora_fixtures import peft_greedy
 
     name = "tiny-lora"
@@ -509,13 +510,21 @@ def test_adapters_are_loaded_into_the_running_engine_and_changed_without_a_resta
     def want(adapter: str) -> str:
         return tokenizer.decode(peft_greedy(tiny_llama, adapters_of_tiny[adapter], prompt, 8), skip_special_tokens=True)
 
+    def served() -> dict[str, str | None]:
+        """What the Service's engines list ({} while the Service does not answer yet: a Ready pod reaches its
+        endpoints and kube-proxy's rules a moment later)."""
+        try:
+            return {m.id: m.parent for m in api.models.list().data}
+        except openai.APIConnectionError:
+            return {}
+
+    wait_for(lambda: served().get("sql") == "tiny", timeout=120, what=f"the Service to list sql ({served()})")
     assert ask("sql") == want("sql-lora")
-    assert {m.id: m.parent for m in api.models.list().data}["sql"] == "tiny"
 
     uid = pod["metadata"]["uid"]
     kubectl("patch", "inferenceservice", name, "--type", "merge", "-p", json.dumps(
         {"spec": {"adapters": [{"name": "chat", "uri": "flotilla-test/chat-lora"}]}}))
-    wait_for(lambda: {m.id for m in api.models.list().data} == {"tiny", "chat"}, timeout=180,
+    wait_for(lambda: set(served()) == {"tiny", "chat"}, timeout=180,
              what=f"the pod to serve chat alone (status: {status().get('adapterPods')})")
     assert ask("chat") == want("chat-lora")
     [same] = ready_pods(name)
