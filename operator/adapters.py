@@ -109,20 +109,20 @@ def engines_to_sync(pods: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-def engine_started(pod: Mapping[str, Any]) -> str:
-    """When the pod's engine container last started ("" when it is not running): a restarted engine has lost the
-    adapters loaded into it."""
+def engine_restarts(pod: Mapping[str, Any]) -> int:
+    """How often the pod's engine container has restarted: a restarted engine has lost the adapters loaded into it.
+    (A count, not the container's start time: the watch and the client library write that time differently.)"""
     for cs in (pod.get("status") or {}).get("containerStatuses") or ():
         if cs.get("name") == "engine":
-            return str(((cs.get("state") or {}).get("running") or {}).get("startedAt") or "")
-    return ""
+            return int(cs.get("restartCount") or 0)
+    return 0
 
 
 def gate_condition(pod: Mapping[str, Any], loaded: int, wanted: int) -> dict[str, Any]:
     """The readiness gate's condition once the engine running now has been brought to the spec; it names that
-    engine's start, so a restart shows (``gate_open``)."""
+    engine's restart count, so a restart shows (``gate_open``)."""
     return {"type": ADAPTERS_CONDITION, "status": "True", "reason": "AdaptersLoaded",
-            "message": f"{loaded} of {wanted} adapters loaded into the engine started at {engine_started(pod)}"}
+            "message": f"{loaded} of {wanted} adapters loaded into the engine after {engine_restarts(pod)} restarts"}
 
 
 def _gate(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -133,7 +133,8 @@ def _gate(pod: Mapping[str, Any]) -> Mapping[str, Any]:
 def gate_open(pod: Mapping[str, Any]) -> bool:
     """The gate is open for the engine running now (not for one that has since restarted)."""
     gate = _gate(pod)
-    return gate.get("status") == "True" and str(gate.get("message", "")).endswith(f" started at {engine_started(pod)}")
+    return (gate.get("status") == "True"
+            and str(gate.get("message", "")).endswith(f" after {engine_restarts(pod)} restarts"))
 
 
 def gate_stale(pod: Mapping[str, Any]) -> bool:

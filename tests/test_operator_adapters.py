@@ -72,11 +72,11 @@ def test_plan_loads_the_missing_reloads_the_changed_and_unloads_the_rest():
     assert loaded_adapters(models) == {"a": "org/a"}
 
 
-def _pod(name, ip, containers_ready, gate=None, deleting=False, started="2026-11-25T01:00:00Z"):
+def _pod(name, ip, containers_ready, gate=None, deleting=False, restarts=0):
     pod = {"metadata": {"name": name, **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})},
            "status": {"podIP": ip, "conditions": [
                {"type": "ContainersReady", "status": "True" if containers_ready else "False"}],
-               "containerStatuses": [{"name": "engine", "state": {"running": {"startedAt": started}}}]}}
+               "containerStatuses": [{"name": "engine", "restartCount": restarts}]}}
     if gate is not None:
         pod["status"]["conditions"].append({**gate_condition(pod, 1, 1), "status": gate})
     return pod
@@ -90,9 +90,10 @@ def test_pods_are_synced_once_their_server_answers_gate_or_not():
 
 
 def test_a_restarted_engine_finds_its_gate_stale():
-    """The gate names the engine start it was opened for: after a restart (adapters gone) it no longer counts."""
+    """The gate names the engine restart count it was opened for: after a restart (adapters gone) it no longer
+    counts."""
     pod = _pod("p", "10.0.0.1", False, "True")
-    pod["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": "2026-11-25T02:00:00Z"}}
+    pod["status"]["containerStatuses"][0]["restartCount"] = 1
     assert not gate_open(pod) and gate_stale(pod)
 
 
