@@ -30,13 +30,12 @@ def write_adapter(folder: Path, config, rank: int, seed: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    h, inter, q = config.hidden_size, config.intermediate_size, heads * head_dim
-    shapes = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
-              "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
-              "mlp.down_proj": (inter, h)}
+    from flotilla.engine.models.llama import projection_rows
+
+    rows, h = projection_rows(config), config.hidden_size
+    shapes = {"self_attn.q_proj": (h, rows["q"]), "self_attn.k_proj": (h, rows["k"]),
+              "self_attn.v_proj": (h, rows["v"]), "self_attn.o_proj": (rows["q"], h), "mlp.gate_proj": (h, rows["gate"]), "mlp.up_proj": (h, rows["up"]),
+              "mlp.down_proj": (rows["gate"], h)}
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(config.num_hidden_layers):

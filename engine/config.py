@@ -23,6 +23,7 @@ _DTYPES = {
 }
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank's choices, as vLLM's
 
 # /proc/cpuinfo flags of CPUs with bf16 arithmetic in hardware: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -122,8 +123,8 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.max_loras < 1:
             raise ValueError(f"max_loras: must be >= 1, got {self.max_loras}")
-        if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
-            raise ValueError(f"max_lora_rank: must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's), got "
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank: must be one of {', '.join(map(str, LORA_RANKS))} (vLLM's), got "
                              f"{self.max_lora_rank}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")

@@ -402,7 +402,7 @@ class ModelRunner:
             if r.lora_request is None or self.lora_slots.slot_of(r.lora_id) is not None:  # type: ignore[union-attr]
                 continue
             try:
-                self.lora.read(r.lora_id, r.lora_request.lora_name, r.lora_folder)  # type: ignore[union-attr,arg-type]
+                self.lora.read(r.lora_id, r.lora_folder)  # type: ignore[union-attr,arg-type]
             except Exception as e:
                 failed[r.request_id] = f"LoRA adapter {r.lora_request.lora_name!r}: {e}"
         return failed

@@ -84,10 +84,13 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
+        # The adapters of the running requests: each needs a device slot, and there are max_loras of them.
+        adapters = {r.lora_id for r in self.running if r.lora_id}
+
         # Swapped-out requests return before new ones are admitted, oldest first.
         while self.swapped and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.swapped[0]
-            if not self._adapter_fits(request):
+            if not self._adapter_fits(request, adapters):
                 break
             host_blocks = request.cpu_block_ids
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -99,6 +102,8 @@ class Scheduler:
             request.cpu_block_ids = []
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if request.lora_id:
+                adapters.add(request.lora_id)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
@@ -108,7 +113,7 @@ class Scheduler:
         held_back: list[Request] = []
         while self.waiting and not self.swapped and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if not request.schedulable or not self._adapter_fits(request):
+            if not request.schedulable or not self._adapter_fits(request, adapters):
                 held_back.append(self.waiting.popleft())
                 continue
             prefix = bm.match_prefix(request)
@@ -121,18 +126,16 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if request.lora_id:
+                adapters.add(request.lora_id)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(held_back))
         return out
 
-    def _adapter_fits(self, request: Request) -> bool:
-        """Whether running ``request`` keeps the running requests' distinct adapters within ``max_loras`` (each
-        needs a device slot for every step it runs in)."""
-        if not request.lora_id:
-            return True
-        running = {r.lora_id for r in self.running if r.lora_id}
-        return request.lora_id in running or len(running) < self.config.max_loras
+    def _adapter_fits(self, request: Request, adapters: set[int]) -> bool:
+        """Whether running ``request`` keeps the running requests' distinct ``adapters`` within ``max_loras``."""
+        return not request.lora_id or request.lora_id in adapters or len(adapters) < self.config.max_loras
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         request.metrics.num_preemptions += 1

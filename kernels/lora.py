@@ -6,7 +6,8 @@ stacked: ``A`` ``[slots, N, K]`` and ``B`` ``[slots, N_out, R]`` (zero-padded to
 adapter adds nothing through its padding; the adapter's scaling is folded into ``B``). For token ``t`` in slot
 ``s``:
 
-- ``lora_shrink``: ``y[t] = x[t] @ A[s].T`` — down to the rank (every packed part's ``A`` at once: ``N = parts × R``);
+- ``lora_shrink``: ``y[t] = x[t] @ A[s].T`` — down to the rank (every packed part's ``A`` at once:
+  ``N = parts × R``);
   tokens with no adapter get zeros.
 - ``lora_expand``: ``out[t, o:o+N_out] += y[t, r:r+R] @ B[s].T`` — back up, added into the base layer's output in
   place, one call per packed part (``o``: the part's first output column, ``r``: its first rank column).
@@ -33,7 +34,6 @@ LORA_ENV = "FLOTILLA_LORA_BACKEND"
 class LoRABatch:
     """Which slot each of a step's tokens uses, grouped by slot."""
 
-    num_tokens: int
     #: (slot, first, end) into ``sorted_tokens``, one per slot present, in slot order
     segments: list[tuple[int, int, int]]
     #: the tokens that use an adapter, grouped by slot (int32, on the device)
@@ -48,8 +48,9 @@ class LoRABatch:
     rows: list[torch.Tensor]
     #: the torch path computes every slot present for every token at once (see ``lora_batch``)
     dense: bool = False
-    #: with ``dense``: the slots present, and each token's index among them (0 for a base token, then masked)
+    #: with ``dense``: the slots present, and each (token, its index among them) (0 for a base token, then masked)
     present: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
     present_index: torch.Tensor | None = None
     #: with ``dense``: ``[T, 1]``, 1 for a token with an adapter, 0 for a base token (None: every token has one)
     adapter_mask: torch.Tensor | None = None
@@ -79,7 +80,7 @@ def lora_batch(token_slots: list[int], device: torch.device | str) -> LoRABatch 
     uniform = segments[0][0] if len(segments) == 1 and len(order) == len(token_slots) else None
     sorted_tokens = torch.tensor(order, dtype=torch.int32).to(device)
     batch = LoRABatch(
-        num_tokens=len(token_slots), segments=segments, sorted_tokens=sorted_tokens,
+        segments=segments, sorted_tokens=sorted_tokens,
         seg_starts=torch.tensor(starts, dtype=torch.int32).to(device),
         seg_slots=torch.tensor([s for s, _, _ in segments], dtype=torch.int32).to(device),
         uniform=uniform, rows=[sorted_tokens[a:b].long() for _, a, b in segments])
@@ -87,6 +88,7 @@ def lora_batch(token_slots: list[int], device: torch.device | str) -> LoRABatch 
         where = {slot: i for i, (slot, _, _) in enumerate(segments)}
         batch.dense = True
         batch.present = torch.tensor(list(where), dtype=torch.long).to(device)
+        batch.tokens = torch.arange(len(token_slots), device=device)
         batch.present_index = torch.tensor([where.get(s, 0) for s in token_slots], dtype=torch.long).to(device)
         if len(order) < len(token_slots):
             batch.adapter_mask = torch.tensor([[float(s >= 0)] for s in token_slots]).to(device)
@@ -100,7 +102,7 @@ def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, batch: LoRABatch) -> torch
     if batch.dense:  # every token times every present slot's A, then each token's own block
         n = a.shape[1]
         every = F.linear(x, a.index_select(0, batch.present).reshape(-1, a.shape[2]))
-        y = every.view(x.shape[0], -1, n)[torch.arange(x.shape[0], device=x.device), batch.present_index]
+        y = every.view(x.shape[0], -1, n)[batch.tokens, batch.present_index]
         return y if batch.adapter_mask is None else y * batch.adapter_mask.to(y.dtype)
     y = x.new_zeros(x.shape[0], a.shape[1])
     for (slot, _, _), rows in zip(batch.segments, batch.rows):
@@ -121,7 +123,7 @@ def lora_expand_ref(y: torch.Tensor, b: torch.Tensor, batch: LoRABatch, out: tor
         tokens, present = y.shape[0], batch.present.shape[0]
         spread = y.new_zeros(tokens, present, rank)
         mine = y[:, y_offset:y_offset + rank]
-        spread[torch.arange(tokens, device=y.device), batch.present_index] = (
+        spread[batch.tokens, batch.present_index] = (
             mine if batch.adapter_mask is None else mine * batch.adapter_mask.to(y.dtype))
         weight = b.index_select(0, batch.present).permute(1, 0, 2).reshape(n, present * rank)
         target += F.linear(spread.view(tokens, present * rank), weight)

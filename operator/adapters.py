@@ -12,6 +12,7 @@ engine's reason; it does not hold the pod out of service, and the next pass trie
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -47,8 +48,7 @@ def plan(desired: Sequence[AdapterSpec], loaded: Mapping[str, str]) -> tuple[lis
 
 
 def _error(body: str, status: int) -> str:
-    import json
-
+    """The engine's own message from an error answer (OpenAI's shape), else the status and the start of the body."""
     try:
         return json.loads(body)["error"]["message"]
     except (ValueError, KeyError, TypeError):
@@ -103,7 +103,8 @@ def engines_to_sync(pods: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
         if pod["metadata"].get("deletionTimestamp"):
             continue
         st = pod.get("status") or {}
-        ready = any(c.get("type") == "ContainersReady" and c.get("status") == "True" for c in st.get("conditions") or ())
+        ready = any(c.get("type") == "ContainersReady" and c.get("status") == "True"
+                    for c in st.get("conditions") or ())
         if ready and st.get("podIP"):
             out.append((pod["metadata"]["name"], f"http://{st['podIP']}:{PORT}"))
     return out
@@ -116,6 +117,10 @@ def engine_restarts(pod: Mapping[str, Any]) -> int:
         if cs.get("name") == "engine":
             return int(cs.get("restartCount") or 0)
     return 0
+
+
+GATE_CLOSED_ON_RESTART = {"type": ADAPTERS_CONDITION, "status": "False", "reason": "EngineRestarted",
+                          "message": "the engine restarted: its adapters are being loaded again"}
 
 
 def gate_condition(pod: Mapping[str, Any], loaded: int, wanted: int) -> dict[str, Any]:

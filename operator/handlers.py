@@ -20,12 +20,12 @@ import kopf
 
 from flotilla.operator import metrics
 from flotilla.operator.adapters import (
-    adapters_status, engines_to_sync, gate_condition, gate_open, gate_stale, sync_pods)
+    GATE_CLOSED_ON_RESTART, adapters_status, engines_to_sync, gate_condition, gate_open, gate_stale, sync_pods)
 from flotilla.operator.autoscaler import (
     Activity, decide, fleet_status, history_from_status, history_to_status, scrape_all, track_activity)
 from flotilla.operator.cluster import PLURAL, ApiError, KindNotInstalled, KubeCluster, NotFound, peering_objects
 from flotilla.operator.reconcile import Outcome, reconcile
-from flotilla.operator.render import ADAPTERS_CONDITION, GROUP, KIND, MANAGED_BY, PORT, VERSION, selector_labels
+from flotilla.operator.render import GROUP, KIND, MANAGED_BY, PORT, VERSION, selector_labels
 from flotilla.operator.settings import OperatorSettings
 from flotilla.operator.spec import InferenceService, SpecError, parse_service
 
@@ -191,13 +191,17 @@ async def _sync_adapters(svc: InferenceService, pods: list[dict[str, Any]], clus
     results = await sync_pods(engines_to_sync(pods), svc.adapters)
     for r in results:
         if r.error is None and not gate_open(by_name[r.pod]):
-            condition = {**gate_condition(by_name[r.pod], len(r.loaded), len(svc.adapters)),
-                         "lastTransitionTime": _now()}
-            try:
-                await asyncio.to_thread(cluster.set_pod_condition, svc.namespace, r.pod, condition)
-            except (NotFound, ApiError) as e:
-                logger.warning("pod %s/%s: readiness gate not set: %s", svc.namespace, r.pod, e)
+            await _set_gate(cluster, svc.namespace, r.pod,
+                            gate_condition(by_name[r.pod], len(r.loaded), len(svc.adapters)), logger)
     return adapters_status(svc.adapters, results)
+
+
+async def _set_gate(cluster: KubeCluster, namespace: str, pod: str, condition: dict[str, Any],
+                    logger: logging.Logger) -> None:
+    try:
+        await asyncio.to_thread(cluster.set_pod_condition, namespace, pod, {**condition, "lastTransitionTime": _now()})
+    except (NotFound, ApiError) as e:  # the next pass tries again
+        logger.warning("pod %s/%s: readiness gate not set: %s", namespace, pod, e)
 
 
 def _post_adapter_failures(body: Any, adapters: dict[str, Any]) -> None:
@@ -216,13 +220,7 @@ async def on_engine_pod(body: kopf.Body, memo: Any, logger: logging.Logger, **_:
     cluster = _cluster(memo)
     meta = body["metadata"]
     if gate_stale(body):
-        condition = {"type": ADAPTERS_CONDITION, "status": "False", "reason": "EngineRestarted",
-                     "message": "the engine restarted: its adapters are being loaded again",
-                     "lastTransitionTime": _now()}
-        try:
-            await asyncio.to_thread(cluster.set_pod_condition, meta["namespace"], meta["name"], condition)
-        except (NotFound, ApiError) as e:
-            logger.warning("pod %s/%s: readiness gate not closed: %s", meta["namespace"], meta["name"], e)
+        await _set_gate(cluster, meta["namespace"], meta["name"], GATE_CLOSED_ON_RESTART, logger)
     if gate_open(body) or not engines_to_sync([body]):
         return
     try:

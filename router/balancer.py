@@ -1,5 +1,6 @@
 """The replica choice for one request, from what the router knows about each replica: its in-flight requests
-(counted here), its KV-cache use (scraped from the engines' ``/metrics`` by the operator's own ``autoscaler.scrape``), and whether it just failed.
+(counted here), its KV-cache use (scraped from the engines' ``/metrics`` by the operator's own
+``autoscaler.scrape``), and whether it just failed.
 
 A request with a prompt goes where its prefix hashes (``chwbl``), within the load bound. One without (nothing to
 be cached) goes to the replica with the least KV-cache use, then the fewest in flight. A replica that refused a

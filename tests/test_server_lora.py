@@ -64,7 +64,8 @@ def test_load_use_unload_at_run_time_through_one_slot(setup, tokenizer):
                             cast_to=httpx.Response)
         assert reply.status_code == 200 and name in reply.text
     assert {"sql", "chat", "math"} <= {m.id for m in client.models.list().data}
-    want = {name: tokenizer.decode(peft_greedy(base, adapters[name], PROMPT, STEPS), skip_special_tokens=True) for name in adapters}
+    want = {name: tokenizer.decode(peft_greedy(base, adapters[name], PROMPT, STEPS), skip_special_tokens=True)
+            for name in adapters}
     assert len(set(want.values())) == 3  # three different answers: a wrong adapter would show
 
     def ask(name):

@@ -49,16 +49,7 @@ class LoRAAdapter:
     """An adapter on the host: per projection (``layers.3.self_attn.qkv_proj``), per part, ``(A [r, in], B [out, r])``
     in fp32 with the scaling folded into ``B``."""
 
-    adapter_id: int
-    name: str
-    folder: str
-    rank: int
     weights: dict[str, dict[str | None, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for parts in self.weights.values() for ab in parts.values()
-                   for t in ab)
 
 
 def read_config(folder: Path) -> dict:
@@ -93,7 +84,7 @@ def _alpha(config: dict, module: str) -> float:
     return float(alpha)
 
 
-def load_adapter(adapter_id: int, name: str, folder: Path, targets: dict[str, Target], max_rank: int) -> LoRAAdapter:
+def load_adapter(folder: Path, targets: dict[str, Target], max_rank: int) -> LoRAAdapter:
     """Read and check an adapter against the model's ``targets`` (path -> Target); see the module doc."""
     from safetensors.torch import load_file
 
@@ -120,7 +111,7 @@ def load_adapter(adapter_id: int, name: str, folder: Path, targets: dict[str, Ta
                            " (served: the attention and MLP projections of the decoder layers)")
     if not pairs:
         raise AdapterError(f"{folder}: adapter_model.safetensors holds no LoRA weights")
-    adapter = LoRAAdapter(adapter_id, name, str(folder), 0)
+    adapter = LoRAAdapter()
     for (module, name_), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{folder}: {module} has lora_{'A' if 'A' in ab else 'B'} without its pair")
@@ -140,12 +131,11 @@ def load_adapter(adapter_id: int, name: str, folder: Path, targets: dict[str, Ta
                                f"{target.in_features}-wide input: was it trained on another base model?")
         scaling = _alpha(config, module) / (math.sqrt(rank) if config.get("use_rslora") else rank)
         b = b * scaling
-        split = [(p, rows) for p, rows in target.parts.items()] if part == "*" else [(part, target.parts[part])]
+        split = list(target.parts.items()) if part == "*" else [(part, target.parts[part])]
         if b.shape[0] != sum(rows for _, rows in split):
             raise AdapterError(f"{folder}: {module}: B has {b.shape[0]} rows, the model's projection "
                                f"{sum(rows for _, rows in split)}: was it trained on another base model?")
         parts = adapter.weights.setdefault(path, {})
         for (p, _), chunk in zip(split, b.split([rows for _, rows in split], dim=0)):
             parts[p] = (a.contiguous(), chunk.contiguous())
-        adapter.rank = max(adapter.rank, rank)
     return adapter

@@ -20,6 +20,7 @@ from torch import nn
 
 from flotilla.engine.layers.linear import PackedColumnParallelLinear, RowParallelLinear
 from flotilla.engine.lora.adapter import LoRAAdapter, Target
+from flotilla.engine.models.llama import projection_rows
 from flotilla.engine.parallel import tp
 from flotilla.kernels.lora import LoRABatch, lora_expand, lora_shrink
 
@@ -43,8 +44,7 @@ class LoRALayer:
                  device: torch.device) -> None:
         self.target = target
         self.rank = max_rank
-        self.row_parallel = isinstance(base, RowParallelLinear)
-        if self.row_parallel:
+        if isinstance(base, RowParallelLinear):
             self.in_start, in_local = tp().rank * base.local_in, base.local_in
             # (part, first checkpoint row, rows, first output column)
             self.parts = [(None, 0, target.parts[None], 0)]
@@ -83,19 +83,14 @@ class LoRALayer:
 
 def targets(config: Any, model: nn.Module) -> dict[str, Target]:
     """The adaptable projections of a Llama-family model, unsharded: path -> input width and part rows."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    hidden, q = config.hidden_size, heads * head_dim
+    rows, hidden = projection_rows(config), config.hidden_size
     found: dict[str, Target] = {}
     for i, layer in enumerate(model.layers):
-        found[f"layers.{i}.self_attn.qkv_proj"] = Target(hidden, {"q": q, "k": kv, "v": kv})
-        found[f"layers.{i}.self_attn.o_proj"] = Target(q, {None: hidden})
-        up = getattr(layer.mlp, "gate_up_proj", None)
-        if isinstance(up, PackedColumnParallelLinear):  # a dense MLP (a mixture of experts takes no LoRA)
-            inter = layer.mlp.down_proj.local_in * tp().size
-            found[f"layers.{i}.mlp.gate_up_proj"] = Target(hidden, {"gate": inter, "up": inter})
-            found[f"layers.{i}.mlp.down_proj"] = Target(inter, {None: hidden})
+        found[f"layers.{i}.self_attn.qkv_proj"] = Target(hidden, {p: rows[p] for p in ("q", "k", "v")})
+        found[f"layers.{i}.self_attn.o_proj"] = Target(rows["q"], {None: hidden})
+        if isinstance(getattr(layer.mlp, "gate_up_proj", None), PackedColumnParallelLinear):  # a dense MLP (a
+            found[f"layers.{i}.mlp.gate_up_proj"] = Target(hidden, {p: rows[p] for p in ("gate", "up")})  # mixture
+            found[f"layers.{i}.mlp.down_proj"] = Target(rows["gate"], {None: hidden})  # of experts takes no LoRA)
     return found
 
 

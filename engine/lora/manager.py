@@ -26,17 +26,15 @@ logger = logging.getLogger(__name__)
 class LoRAManager:
     def __init__(self, model: nn.Module, config: Any, max_loras: int, max_rank: int, max_cpu_loras: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.max_loras = max_loras
         self.max_rank = max_rank
         self.max_cpu_loras = max(max_cpu_loras, max_loras)
         self.layers: dict[str, LoRALayer] = attach(model, config, max_loras, max_rank, dtype, device)
         self.targets: dict[str, Target] = {path: layer.target for path, layer in self.layers.items()}
-        self.slots: list[int | None] = [None] * max_loras  # adapter id in each slot, on this rank
         self._host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()  # rank 0 reads adapters on the server's threads too
         self.loads = 0  # slot loads, for tests and logs
 
-    def read(self, adapter_id: int, name: str, folder: str) -> LoRAAdapter:
+    def read(self, adapter_id: int, folder: str) -> LoRAAdapter:
         """The adapter's host copy, read (and checked) from its folder when not cached; ``AdapterError`` when the
         engine cannot serve it."""
         with self._lock:
@@ -44,7 +42,7 @@ class LoRAManager:
             if adapter is not None:
                 self._host.move_to_end(adapter_id)
                 return adapter
-        adapter = load_adapter(adapter_id, name, Path(folder), self.targets, self.max_rank)
+        adapter = load_adapter(Path(folder), self.targets, self.max_rank)
         with self._lock:
             self._host[adapter_id] = adapter
             while len(self._host) > self.max_cpu_loras:
@@ -62,9 +60,8 @@ class LoRAManager:
     def activate(self, loads: list[tuple[int, int, str, str]]) -> None:
         """Fill slots: ``(slot, adapter id, name, folder)`` each."""
         for slot, adapter_id, name, folder in loads:
-            adapter = self.read(adapter_id, name, folder)
+            adapter = self.read(adapter_id, folder)
             for path, layer in self.layers.items():
                 layer.set_slot(slot, adapter, path)
-            self.slots[slot] = adapter_id
             self.loads += 1
             logger.info("LoRA adapter %s (id %d) loaded into slot %d", name, adapter_id, slot)

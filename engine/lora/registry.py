@@ -54,13 +54,12 @@ class LoRARegistry:
                     return False
                 raise ValueError(f"lora_int_id: {request.lora_int_id} is already adapter "
                                  f"{held.request.lora_name!r}")
-            if any(a.request.lora_name == request.lora_name for a in self._by_id.values()):
+            if self._named(request.lora_name) is not None:
                 raise ValueError(f"The lora adapter '{request.lora_name}' has already been loaded.")
         folder = self._resolve(request.lora_path)
-        self.manager.read(request.lora_int_id, request.lora_name, folder)
+        self.manager.read(request.lora_int_id, folder)
         with self._lock:
-            if request.lora_int_id in self._by_id or any(
-                    a.request.lora_name == request.lora_name for a in self._by_id.values()):
+            if request.lora_int_id in self._by_id or self._named(request.lora_name) is not None:  # added meanwhile
                 raise ValueError(f"The lora adapter '{request.lora_name}' has already been loaded.")
             self._by_id[request.lora_int_id] = Adapter(request, folder)
         return True
@@ -80,7 +79,10 @@ class LoRARegistry:
 
     def by_name(self, name: str) -> Adapter | None:
         with self._lock:
-            return next((a for a in self._by_id.values() if a.request.lora_name == name), None)
+            return self._named(name)
+
+    def _named(self, name: str) -> Adapter | None:  # under the lock
+        return next((a for a in self._by_id.values() if a.request.lora_name == name), None)
 
     def adapters(self) -> list[Adapter]:
         with self._lock:

@@ -33,16 +33,9 @@ class SlotTable:
         loads = []
         for adapter_id in distinct:
             if self.slot_of(adapter_id) is None:
-                slot = next(s for s in self._recent if self.held[s] is None or self.held[s] not in distinct)
+                slot = next(s for s in self._recent if self.held[s] not in distinct)  # free, or not needed now
                 self.held[slot] = adapter_id
                 loads.append((slot, adapter_id))
         for adapter_id in distinct:
             self._recent.move_to_end(self.slot_of(adapter_id))  # type: ignore[arg-type]
         return loads
-
-    def forget(self, adapter_id: int) -> None:
-        """An adapter unloaded: its slot is free (the weights left there are never read again)."""
-        slot = self.slot_of(adapter_id)
-        if slot is not None:
-            self.held[slot] = None
-            self._recent.move_to_end(slot, last=False)

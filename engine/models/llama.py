@@ -66,6 +66,15 @@ def layer_window(config: Any, layer: int) -> int | None:
     return int(window)
 
 
+def projection_rows(config: Any) -> dict[str, int]:
+    """Output rows of each packed part of a decoder layer's projections, whole (before any tensor-parallel split):
+    q, k, v and the dense MLP's gate and up."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    return {"q": heads * head_dim, "k": kv, "v": kv, "gate": config.intermediate_size, "up": config.intermediate_size}
+
+
 def _norm_offset(config: Any) -> float:
     """Gemma stores each RMSNorm scale as ``w`` and multiplies by ``1 + w``."""
     return 1.0 if config.model_type in _GEMMA else 0.0
@@ -254,12 +263,9 @@ class LlamaForCausalLM(nn.Module):
     def _unfused(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoints that store q/k/v or gate/up already fused (Phi-3's ``qkv_proj``, ``gate_up_proj``) as the
         separate tensors the packed layers load, each then split across tensor-parallel ranks as usual."""
-        c = self.config
-        heads = c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        kv = (getattr(c, "num_key_value_heads", None) or heads) * head_dim
-        parts = {"qkv_proj": (("q_proj", heads * head_dim), ("k_proj", kv), ("v_proj", kv)),
-                 "gate_up_proj": (("gate_proj", c.intermediate_size), ("up_proj", c.intermediate_size))}
+        rows = projection_rows(self.config)
+        parts = {"qkv_proj": (("q_proj", rows["q"]), ("k_proj", rows["k"]), ("v_proj", rows["v"])),
+                 "gate_up_proj": (("gate_proj", rows["gate"]), ("up_proj", rows["up"]))}
         for name, tensor in weights:
             fused = next((f for f in parts if f".{f}." in name), None)
             if fused is None:
