@@ -73,6 +73,9 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="run the shapes the server will meet before /health turns 200 (--no-warmup: skip)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly (GPU)")
+    p.add_argument("--compilation-config", "-O", dest="compilation_config", default=None,
+                   help='JSON, e.g. \'{"cudagraph_mode": "FULL_AND_PIECEWISE"}\' (NONE, PIECEWISE, FULL_DECODE_ONLY, '
+                        'the default, or FULL_AND_PIECEWISE) and "max_cudagraph_capture_size"')
     p.add_argument("--runner", choices=["auto", "generate", "pooling"], default="auto",
                    help="pooling: serve embeddings (/v1/embeddings); auto: pooling for a bare ...Model architecture")
     p.add_argument("--task", choices=["auto", "generate", "embed", "embedding"], default="auto",
@@ -167,6 +170,7 @@ def engine_args_from_cli(ns: argparse.Namespace) -> EngineArgs:
         swap_space=ns.swap_space, preemption_mode=ns.preemption_mode, enable_prefix_caching=ns.enable_prefix_caching,
         enable_chunked_prefill=ns.enable_chunked_prefill, load_format=ns.load_format, seed=ns.seed,
         device=ns.device, served_model_name=(ns.served_model_name or [None])[0], enforce_eager=ns.enforce_eager,
+        compilation_config=ns.compilation_config,
         revision=ns.revision, download_dir=ns.download_dir, hf_token=ns.hf_token,
         tensor_parallel_size=ns.tensor_parallel_size, warmup=ns.warmup, runner=ns.runner, task=ns.task,
         pooler_config=ns.pooler_config, enable_lora=ns.enable_lora, max_loras=ns.max_loras,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,9 @@ class EngineArgs:
     served_model_name: str | None = None
     trust_remote_code: bool = False
     enforce_eager: bool = False  # True: no CUDA graphs (they capture decode steps on a GPU: cuda_graphs.py)
+    # vLLM's compilation config, the CUDA-graph part of it: {"cudagraph_mode", "max_cudagraph_capture_size"}
+    # (a dict or its JSON; see CompilationConfig)
+    compilation_config: dict[str, Any] | str | None = None
     disable_log_stats: bool = True
     revision: str | None = None  # branch, tag or commit of a Hugging Face repo (or ORG/NAME@REV)
     download_dir: str | None = None  # the Hugging Face cache to download into (default: HF_HOME's)
@@ -128,8 +132,64 @@ class EngineArgs:
                              f"{self.max_lora_rank}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        CompilationConfig.parse(self.compilation_config)
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override: must be >= 1, got {self.num_gpu_blocks_override}")
+
+
+CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+
+
+@dataclass(frozen=True)
+class CompilationConfig:
+    """Which steps run as CUDA graphs (cuda_graphs.py), in vLLM's terms. ``FULL_DECODE_ONLY``: a pure-decode step
+    replays one graph of its whole forward pass; other steps run eagerly. ``PIECEWISE``: every step of up to
+    ``max_cudagraph_capture_size`` tokens replays graphs of everything between its attention calls, which run
+    eagerly. ``FULL_AND_PIECEWISE``: the first for pure-decode steps, the second for the rest. ``NONE``: no graphs
+    (as ``enforce_eager``)."""
+
+    cudagraph_mode: str = "FULL_DECODE_ONLY"
+    # the largest step (in tokens) a piecewise graph is captured for, and the largest decode batch a full one is
+    # (None: max_num_seqs for decode batches, 1024 tokens for the rest; never more than max_num_batched_tokens)
+    max_cudagraph_capture_size: int | None = None
+
+    @property
+    def decode_graphs(self) -> bool:
+        return self.cudagraph_mode in ("FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+
+    @property
+    def piecewise_graphs(self) -> bool:
+        return self.cudagraph_mode in ("PIECEWISE", "FULL_AND_PIECEWISE")
+
+    @classmethod
+    def parse(cls, value: dict[str, Any] | str | None) -> "CompilationConfig":
+        """From ``--compilation-config``'s JSON (or the dict ``LLM(compilation_config=...)`` takes). Keys Flotilla
+        does not act on are refused, naming the ones it does."""
+        if value is None:
+            return cls()
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"compilation_config: not JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"compilation_config: expected a JSON object such as "
+                             f'{{"cudagraph_mode": "FULL_AND_PIECEWISE"}}, got {value!r}')
+        unknown = sorted(set(value) - {"cudagraph_mode", "max_cudagraph_capture_size"})
+        if unknown:
+            raise ValueError(f"compilation_config: {', '.join(unknown)} not supported (Flotilla does not "
+                             "torch.compile); it takes cudagraph_mode and max_cudagraph_capture_size")
+        mode = str(value.get("cudagraph_mode", cls.cudagraph_mode)).upper()
+        if mode == "FULL":
+            raise ValueError("compilation_config: cudagraph_mode FULL is not supported (the prefill attention's "
+                             "launch depends on the step's prompts, so it cannot be captured); use FULL_AND_PIECEWISE")
+        if mode not in CUDAGRAPH_MODES:
+            raise ValueError(f"compilation_config: cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got "
+                             f"{value['cudagraph_mode']!r}")
+        size = value.get("max_cudagraph_capture_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"compilation_config: max_cudagraph_capture_size must be an integer >= 1, got {size!r}")
+        return cls(mode, size)
 
 
 @dataclass(frozen=True)

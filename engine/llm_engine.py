@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable, Union
 import torch
 
 from flotilla.engine.block_manager import BlockManager, SwapPool
-from flotilla.engine.cuda_graphs import graphs_enabled
-from flotilla.engine.config import CacheConfig, EngineArgs, SchedulerConfig, cpu_kvcache_gib_setting
+from flotilla.engine.cuda_graphs import graph_sizes, graphs_enabled
+from flotilla.engine.config import CacheConfig, CompilationConfig, EngineArgs, SchedulerConfig, cpu_kvcache_gib_setting
 from flotilla.engine.detokenizer import IncrementalDetokenizer
 from flotilla.engine.host_memory import peak_rss_bytes, reset_peak_rss
 from flotilla.engine.lora.registry import LoRARegistry
@@ -202,7 +202,12 @@ class LLMEngine:
         if args.warmup and not warm_first:
             self._warm_up(args, max_batched, max_model_len)
         if self.pooler is None and graphs_enabled(self.device, args.enforce_eager, args.tensor_parallel_size):
-            self.runner.capture_graphs(args.max_num_seqs, max_model_len)
+            decode, mixed = graph_sizes(CompilationConfig.parse(args.compilation_config), args.max_num_seqs,
+                                        max_batched)
+            if decode is not None:
+                self.runner.capture_graphs(decode, max_model_len)
+            if mixed is not None:
+                self.runner.capture_piecewise(mixed)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
         self._structured: StructuredOutputs | None = None  # made with the first request that has a grammar

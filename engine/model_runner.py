@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from flotilla.engine.attention import AttentionMetadata, forward_context, select_backend
-from flotilla.engine.cuda_graphs import DecodeGraphs
+from flotilla.engine.cuda_graphs import Capture, DecodeGraphs, PiecewiseGraphs, cuda_capture
 from flotilla.engine.lora.layers import lora_step
 from flotilla.engine.lora.manager import LoRAManager
 from flotilla.engine.lora.slots import SlotTable
@@ -138,6 +138,7 @@ class ModelRunner:
         self.host_cache: torch.Tensor | None = None  # swap space, same layout, in host memory
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), see capture_graphs
+        self.piecewise: PiecewiseGraphs | None = None  # captured pieces of any step (CUDA), see capture_graphs
         self.lora: LoRAManager | None = None  # adapter slots (enable_lora)
         self.lora_slots: SlotTable | None = None  # rank 0's: which adapter each slot holds
 
@@ -222,6 +223,12 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, -(-max_model_len // self.block_size))
         self.graphs.capture()
 
+    def capture_piecewise(self, sizes: list[int], capture: Capture = cuda_capture) -> None:
+        """Capture the pieces between the attention calls for steps of each of ``sizes`` tokens (cuda_graphs.py).
+        Decode steps that a full graph holds still run it."""
+        self.piecewise = PiecewiseGraphs(self.model, self.device, self.dtype, sizes, capture)
+        self.piecewise.capture()
+
     # ---- one step -----------------------------------------------------------------------------------
 
     def plan(self, batch: list[ScheduledRequest], sched: SchedulerOutput, failed: set[str] = frozenset()) -> StepPlan:
@@ -289,14 +296,14 @@ class ModelRunner:
             token_slots.extend([slot] * s.num_new_tokens)  # type: ignore[list-item]
         return token_slots, loads
 
-    def _tensors(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _metadata(self, plan: StepPlan) -> AttentionMetadata:
         dev = self.device
 
         def table(rows: list[list[int]]) -> torch.Tensor:
             width = len(rows[0]) if rows else 1
             return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), width).to(dev)
 
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=torch.tensor(plan.slots, dtype=torch.long).to(dev),
             num_decode_tokens=plan.num_decodes,
             decode_block_tables=table(plan.decode_tables),
@@ -306,7 +313,18 @@ class ModelRunner:
             prefill_query_start_loc=torch.tensor(plan.query_start_loc, dtype=torch.int32).to(dev),
             prefill_has_context=plan.has_context,
         )
-        return (torch.tensor(plan.input_ids, dtype=torch.long).to(dev), torch.tensor(plan.positions).to(dev), meta)
+
+    def _hidden(self, plan: StepPlan) -> torch.Tensor:
+        """The step's hidden states: through the piecewise graphs when they hold it, else eagerly."""
+        adapters = None if plan.lora_slots is None else lora_batch(plan.lora_slots, self.device)
+        with (forward_context(self._metadata(plan)), lora_step(adapters),
+              elementwise.compiled_cpu_kernels(self.backend.name == "cpu")):
+            if self.piecewise is not None and adapters is None:  # the graphs hold the base model alone
+                hidden = self.piecewise.run(plan.input_ids, plan.positions)
+                if hidden is not None:
+                    return hidden
+            return self.model(torch.tensor(plan.input_ids, dtype=torch.long).to(self.device),
+                              torch.tensor(plan.positions).to(self.device))
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan) -> tuple[list[torch.Tensor | Exception], torch.Tensor | None,
@@ -324,10 +342,7 @@ class ModelRunner:
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slots, plan.decode_lens, plan.decode_tables)
             if logits is not None:
                 return [], logits, []
-        input_ids, positions, meta = self._tensors(plan)
-        adapters = None if plan.lora_slots is None else lora_batch(plan.lora_slots, self.device)
-        with forward_context(meta), lora_step(adapters), elementwise.compiled_cpu_kernels(self.backend.name == "cpu"):
-            hidden = self.model(input_ids, positions)
+        hidden = self._hidden(plan)
         groups: list[torch.Tensor | Exception] = []
         for start, end in plan.logit_groups:
             try:

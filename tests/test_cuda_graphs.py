@@ -52,3 +52,28 @@ def test_decoding_through_graphs_gives_the_eager_engines_tokens(tiny_model):
             assert replays and set(replays) - set(capture_sizes(12)), "padded sizes must have been replayed"
         del llm
     assert results[False] == results[True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "PIECEWISE"])
+def test_steps_with_prompts_through_piecewise_graphs_give_the_eager_engines_tokens(tiny_model, mode):
+    from flotilla.engine import LLM, SamplingParams
+
+    # 20 prompts of 5 to 62 tokens, 8 sequences at most, a budget of 96 tokens a step: steps mix decodes with prompt
+    # chunks, and are padded to the captured sizes (16, 32, ..., 96)
+    prompts = [{"prompt_token_ids": [(31 * i + 7 * j) % 1000 + 3 for j in range(5 + 3 * i)]} for i in range(20)]
+    params = [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(20)]
+    results, ran = {}, []
+    for eager in (True, False):
+        llm = LLM(str(tiny_model), dtype="float32", max_num_seqs=8, max_num_batched_tokens=96, enforce_eager=eager,
+                  compilation_config={"cudagraph_mode": mode})
+        runner = llm.llm_engine.runner
+        assert (runner.piecewise is None) == eager
+        assert (runner.graphs is not None) == (not eager and mode == "FULL_AND_PIECEWISE")
+        if not eager:
+            run = runner.piecewise.run
+            runner.piecewise.run = lambda ids, pos: ran.append(len(ids)) or run(ids, pos)
+        results[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    assert any(n > 8 for n in ran) and any(n % 16 for n in ran), "padded steps with prompts must have replayed"
+    assert results[False] == results[True]

@@ -101,7 +101,8 @@ def _moe_spec(config: Any, layer: int) -> MoeSpec | None:
 
 class LlamaAttention(nn.Module):
     """Heads split across tensor-parallel ranks: each rank projects, rotates and attends its own query heads
-    against its KV heads; o_proj's all-reduce sums the ranks' outputs."""
+    against its KV heads; o_proj's all-reduce sums the ranks' outputs. The decoder layer runs the three in turn
+    (``project``, ``attn``, ``o_proj``)."""
 
     def __init__(self, config: Any, layer: int) -> None:
         super().__init__()
@@ -138,7 +139,9 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, _norm_offset(config))
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, _norm_offset(config))
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the attention reads: ``q`` ``[T, H, D]`` (normalised and rotated), ``k`` ``[T, KVH, D]`` (the same)
+        and ``v`` ``[T, KVH, D]``."""
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
@@ -147,8 +150,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v.reshape(-1, self.num_kv_heads, self.head_dim))
-        return self.o_proj(out)
+        return q, k, v.reshape(-1, self.num_kv_heads, self.head_dim)
 
 
 class LlamaMLP(nn.Module):
@@ -183,21 +185,34 @@ class LlamaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` is the previous layer's output not yet added to the ``residual`` stream; each norm that follows an
-        add does the add (fused)."""
+    # A layer is two pieces around its attention, so that a piecewise CUDA graph (cuda_graphs.py) can capture
+    # everything but the attention: ``before_attention`` up to the attention's inputs, ``after_attention`` from its
+    # output. ``x`` is the previous layer's output not yet added to the ``residual`` stream; each norm that follows
+    # an add does the add (fused).
+
+    def before_attention(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v, residual)."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
+        return (*self.self_attn.project(positions, x), residual)
+
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, residual) from the attention's output ``[T, H * D]``."""
+        x = self.self_attn.o_proj(attn)
         if self.sandwich:  # Gemma 2/3: norm(attn) + residual, norm before the MLP, norm(mlp) + residual
             x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(x), residual)
             return self.post_feedforward_layernorm(self.mlp(x)), residual
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, residual = self.before_attention(positions, x, residual)
+        return self.after_attention(self.self_attn.attn(q, k, v), residual)
 
 
 # A checkpoint's per-expert tensor (Mixtral's w1/w3/w2 under block_sparse_moe, Qwen's gate/up/down_proj under mlp)
@@ -240,16 +255,19 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, residual)[0]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` of every token; ``compute_logits`` picks the rows to sample."""
-        x = self.embed_tokens(input_ids)
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
-        residual = None
+        x, residual = self.embed(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
-        x, _ = self.norm(x, residual)
-        return x
+        return self.final_norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary, on every rank (gathered from the ranks' vocabulary shards)."""
