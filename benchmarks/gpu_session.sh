@@ -8,6 +8,8 @@
 #   agreement   benchmarks/gpu_agreement.py (bf16 top-1 agreement with transformers)
 #   throughput  benchmarks/offline_throughput.py, Llama-3.1-8B shape (dummy weights), 1,000 ShareGPT-like prompts
 #   eager       the same with --enforce-eager (no CUDA graphs)
+#   piecewise   the same with --compilation-config '{"cudagraph_mode": "FULL_AND_PIECEWISE"}' (steps with prompts
+#               replay piecewise graphs too)
 # TOKENIZER (default .gpu/tokenizer): a folder with SmolLM2's tokenizer files (the GPU machine lacks the bundled
 # GGUF). Results go to $OUT (default /tmp/gpu-out).
 set -u
@@ -19,7 +21,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT
   || { cat "$OUT/install.log"; exit 1; }
 ALL_TESTS="tests/test_kernels_attention.py tests/test_kernels_cache.py tests/test_kernels_elementwise.py
   tests/test_kernels_engine.py tests/test_paged_attention_ref.py tests/test_engine_exactness.py
-  tests/test_prefix_chunk_preempt.py tests/test_cuda_graphs.py"
+  tests/test_prefix_chunk_preempt.py tests/test_cuda_graphs.py tests/test_piecewise_graphs.py"
 THROUGHPUT=(benchmarks/offline_throughput.py --model benchmarks/configs/llama-3.1-8b --load-format dummy
             --tokenizer "$TOKENIZER" --no-detokenize --workload sharegpt --num-seqs 1000 --dtype bfloat16
             --hf-subset 64 --hf-batch 64 --skip vllm --step-breakdown)
@@ -45,6 +47,10 @@ for phase in "$@"; do
     eager)
       timeout "${THROUGHPUT_TIMEOUT:-400}" python3 "${THROUGHPUT[@]}" --enforce-eager --skip vllm hf \
         --json "$OUT/throughput_eager.json" ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
+    piecewise)
+      timeout "${THROUGHPUT_TIMEOUT:-400}" python3 "${THROUGHPUT[@]}" --skip vllm hf \
+        --compilation-config '{"cudagraph_mode": "FULL_AND_PIECEWISE"}' \
+        --json "$OUT/throughput_piecewise.json" ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

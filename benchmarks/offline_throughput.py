@@ -66,6 +66,8 @@ def run_engine(args: argparse.Namespace) -> dict:
         extra["tokenizer"] = args.tokenizer
     if args.enforce_eager:
         extra["enforce_eager"] = True
+    if args.compilation_config:
+        extra["compilation_config"] = json.loads(args.compilation_config)
     if args.gpu_memory_utilization is not None:
         extra["gpu_memory_utilization"] = args.gpu_memory_utilization
     max_len = 2048 + 16 if args.workload == "sharegpt" else args.max_input + args.max_output + 16
@@ -124,6 +126,8 @@ def time_parts(engine) -> dict[str, float]:
                 return original(*a, **k)
             finally:
                 totals[part] = totals.get(part, 0.0) + time.perf_counter() - t
+                if part == "whole steps":
+                    totals["steps"] = totals.get("steps", 0) + 1
         setattr(owner, name, timed)
 
     wrap(engine.scheduler, "schedule", "schedule")
@@ -260,7 +264,7 @@ def machine() -> str:
 def forward_args(args: argparse.Namespace) -> list[str]:
     keys = ["model", "num_seqs", "min_input", "max_input", "min_output", "max_output", "dtype", "seed",
             "max_num_seqs", "hf_batch", "kv_cache_gib", "workload", "load_format", "tokenizer", "hf_subset",
-            "gpu_memory_utilization"]
+            "gpu_memory_utilization", "compilation_config"]
     out = []
     for k in keys:
         if getattr(args, k) is not None:
@@ -291,6 +295,8 @@ def main() -> None:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--no-detokenize", action="store_true", help="count tokens without detokenizing them")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU)")
+    p.add_argument("--compilation-config", default=None,
+                   help='JSON, as vLLM takes it: e.g. \'{"cudagraph_mode": "FULL_AND_PIECEWISE"}\'')
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--step-breakdown", action="store_true", help="time each part of the engine's steps")
     p.add_argument("--hf-subset", type=int, default=None, help="transformers runs the first N prompts only")

@@ -8,7 +8,7 @@ from flotilla.engine.models.registry import ModelRegistry
 from flotilla.engine.outputs import (
     CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestMetrics, RequestOutput)
 from flotilla.engine.pooling import PoolingParams
-from flotilla.engine.sampling_params import SamplingParams
+from flotilla.engine.sampling_params import RequestOutputKind, SamplingParams
 from flotilla.engine.structured_output import GuidedDecodingParams, StructuredOutputsParams
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PoolingParams",
     "RequestMetrics",
     "RequestOutput",
+    "RequestOutputKind",
     "SamplingParams",
     "StructuredOutputsParams",
 ]

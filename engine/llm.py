@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, Sequence
 
@@ -12,7 +13,7 @@ from flotilla.engine.llm_engine import LLMEngine, PromptType
 from flotilla.engine.lora.request import LoRARequest
 from flotilla.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from flotilla.engine.pooling import PoolingParams
-from flotilla.engine.sampling_params import SamplingParams
+from flotilla.engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
@@ -27,6 +28,16 @@ def _per_prompt(params: Any, count: int, default: Any, name: str) -> list[Any]:
             raise ValueError(f"{name}: a list must have one entry per prompt")
         return list(params)
     return [params or default] * count
+
+
+def _final_only(params: list[Any]) -> list[Any]:
+    """Copies that yield their output once, when finished: ``generate`` returns nothing else (as vLLM's sets it). One
+    copy per distinct object; anything not a SamplingParams is left for the engine to refuse."""
+    copies: dict[int, Any] = {}
+    for p in params:
+        if isinstance(p, SamplingParams) and id(p) not in copies:
+            copies[id(p)] = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+    return [copies.get(id(p), p) for p in params]
 
 
 class LLM:
@@ -50,7 +61,7 @@ class LLM:
         """Run every prompt to completion; outputs come back in the order of ``prompts``. ``lora_request``: the
         adapter every prompt runs with, or one per prompt (None: the base model); needs ``enable_lora=True``."""
         prompts = _prompt_list(prompts)
-        params = _per_prompt(sampling_params, len(prompts), SamplingParams(), "sampling_params")
+        params = _final_only(_per_prompt(sampling_params, len(prompts), SamplingParams(), "sampling_params"))
         loras = _per_prompt(lora_request, len(prompts), None, "lora_request")
         return self._run(self._enqueue(prompts, params, {"lora_request": loras}), use_tqdm)
 

@@ -44,7 +44,7 @@ from flotilla.engine.tp_worker import Workers, WorkerSpec, cpu_threads
 from flotilla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from flotilla.engine.pooling import PoolingParams, PoolingState, check_dimensions, pooler_config, resolve_runner
 from flotilla.engine.request import Request, RequestStatus
-from flotilla.engine.sampling_params import SamplingParams
+from flotilla.engine.sampling_params import RequestOutputKind, SamplingParams
 from flotilla.engine.scheduler import Scheduler
 from flotilla.engine.structured_output import GrammarState, StructuredOutputs
 
@@ -86,6 +86,7 @@ class _Parent:
     detokenizers: list[IncrementalDetokenizer | None]
     metrics: RequestMetrics
     error: str | None = None  # why the engine stopped it, when its own processing raised
+    final_only: bool = False  # its output only when it finishes (RequestOutputKind.FINAL_ONLY)
 
     @property
     def finished(self) -> bool:
@@ -94,7 +95,8 @@ class _Parent:
 
 class LLMEngine:
     """Synchronous engine. ``add_request`` validates and queues; each ``step`` runs one batch and returns
-    the ``RequestOutput`` of every request that made progress (cumulative text and tokens)."""
+    the ``RequestOutput`` of every request that made progress (cumulative text and tokens), or, for a request whose
+    ``output_kind`` is ``FINAL_ONLY``, only once it has finished."""
 
     def __init__(self, args: EngineArgs) -> None:
         self.workers: Workers | None = None
@@ -362,7 +364,8 @@ class LLMEngine:
                                    params.skip_special_tokens) if params.detokenize else None
             for _ in children
         ]
-        return _Parent(request_id, text, token_ids, children, detoks, metrics)
+        return _Parent(request_id, text, token_ids, children, detoks, metrics,
+                       final_only=params.output_kind == RequestOutputKind.FINAL_ONLY)
 
     def structured_outputs(self) -> StructuredOutputs:
         """The grammar service, made on first use (it imports xgrammar and indexes the vocabulary)."""
@@ -498,9 +501,11 @@ class LLMEngine:
             changed[parent.request_id] = parent
         outputs = []
         for parent in changed.values():
-            outputs.append(self._output(parent))
             if parent.finished:
+                outputs.append(self._output(parent))
                 self._forget(parent)
+            elif not parent.final_only:
+                outputs.append(self._output(parent))
         return outputs
 
     def _append(self, parent: _Parent, r: Request, token: int, logprobs, now: float) -> None:

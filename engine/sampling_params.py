@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,6 +20,16 @@ LogitsProcessor = Callable[..., torch.Tensor]
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
 # vLLM clamps logit_bias values to OpenAI's documented range rather than refusing them.
 _LOGIT_BIAS_LIMIT = 100.0
+
+
+class RequestOutputKind(enum.IntEnum):
+    """Which ``RequestOutput`` s a request yields, as vLLM names them: after every step that advanced it, with all
+    its tokens so far (``CUMULATIVE``), or once, when it finishes (``FINAL_ONLY``: ``LLM.generate``'s, which needs
+    no more and spares the engine building an output per request per step). vLLM's ``DELTA`` is not served."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -55,6 +66,7 @@ class SamplingParams:
     logits_processors: list[LogitsProcessor] | None = None  # offline API only; never from HTTP
     guided_decoding: GuidedDecodingParams | None = None  # the output must match a grammar (structured_output.py)
     structured_outputs: GuidedDecodingParams | None = None  # vLLM's newer name for guided_decoding
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Set by the engine at admission from the tokenizer; not part of a user's request.
     _eos_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
     _bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
@@ -131,6 +143,9 @@ class SamplingParams:
             raise bad("logits_processors", "must be callables")
         if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
             raise bad("guided_decoding", "must be a GuidedDecodingParams")
+        if self.output_kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+            raise bad("output_kind", "must be RequestOutputKind.CUMULATIVE or FINAL_ONLY (DELTA is not served)")
+        self.output_kind = RequestOutputKind(self.output_kind)
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Every token id this request carries must index a logits row of ``vocab_size``; an id outside

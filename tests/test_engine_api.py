@@ -77,6 +77,31 @@ def test_metrics_and_stats_move(engine):
     assert after.num_running == after.num_waiting == 0 and after.kv_cache_usage == 0.0
 
 
+def test_output_kind_final_only_yields_one_output_when_the_request_ends(engine, tiny_llama):
+    from flotilla.engine import RequestOutputKind
+
+    seen: dict[str, list] = {"every": [], "final": []}
+    engine.add_request("every", [5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    engine.add_request("final", [5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                          output_kind=RequestOutputKind.FINAL_ONLY))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert [len(o.outputs[0].token_ids) for o in seen["every"]] == [1, 2, 3, 4, 5, 6]  # CUMULATIVE, the default
+    (final,) = seen["final"]
+    assert final.finished and final.outputs[0].token_ids == seen["every"][-1].outputs[0].token_ids
+    assert final.outputs[0].finish_reason == "length" and final.metrics.finished_time is not None
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind=RequestOutputKind.DELTA)
+    # LLM.generate asks for final outputs only, on its own copies of the caller's params
+    params = SamplingParams(temperature=0, max_tokens=2)
+    llm = LLM(str(tiny_llama), dtype="float32", max_model_len=128)
+    (out,) = llm.generate(["hello"], params, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2 and params.output_kind == RequestOutputKind.CUMULATIVE
+    assert_pool_whole(engine)
+    assert_pool_whole(llm.llm_engine)
+
+
 def test_async_generate_streams_and_cancelling_aborts(tiny_llama):
     async_engine = AsyncLLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), dtype="float32"))
 
