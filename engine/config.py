@@ -140,6 +140,22 @@ class EngineArgs:
 CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
 
 
+def json_option(name: str, value: dict[str, Any] | str | None, keys: set[str], note: str = "") -> dict[str, Any]:
+    """A vLLM-style structured option (``--pooler-config``, ``--compilation-config``): a dict, or its JSON text, with
+    only the ``keys`` Flotilla acts on (an unknown key is refused, naming them; ``note`` says why). None: {}."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: not JSON: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name}: expected a JSON object, got {value!r}")
+    unknown = sorted(set(value or {}) - keys)
+    if unknown:
+        raise ValueError(f"{name}: unknown field(s) {', '.join(unknown)}{note}; it takes {', '.join(sorted(keys))}")
+    return dict(value or {})
+
+
 @dataclass(frozen=True)
 class CompilationConfig:
     """Which steps run as CUDA graphs (cuda_graphs.py), in vLLM's terms. ``FULL_DECODE_ONLY``: a pure-decode step
@@ -165,20 +181,8 @@ class CompilationConfig:
     def parse(cls, value: dict[str, Any] | str | None) -> "CompilationConfig":
         """From ``--compilation-config``'s JSON (or the dict ``LLM(compilation_config=...)`` takes). Keys Flotilla
         does not act on are refused, naming the ones it does."""
-        if value is None:
-            return cls()
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"compilation_config: not JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"compilation_config: expected a JSON object such as "
-                             f'{{"cudagraph_mode": "FULL_AND_PIECEWISE"}}, got {value!r}')
-        unknown = sorted(set(value) - {"cudagraph_mode", "max_cudagraph_capture_size"})
-        if unknown:
-            raise ValueError(f"compilation_config: {', '.join(unknown)} not supported (Flotilla does not "
-                             "torch.compile); it takes cudagraph_mode and max_cudagraph_capture_size")
+        value = json_option("compilation_config", value, {"cudagraph_mode", "max_cudagraph_capture_size"},
+                            " (Flotilla does not torch.compile)")
         mode = str(value.get("cudagraph_mode", cls.cudagraph_mode)).upper()
         if mode == "FULL":
             raise ValueError("compilation_config: cudagraph_mode FULL is not supported (the prefill attention's "

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flotilla.engine.config import json_option
+
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 RUNNERS = ("auto", "generate", "pooling")
 # vLLM's older --task values and the runner each means
@@ -84,15 +86,7 @@ def pooler_config(folder: Path, override: dict[str, Any] | str | None = None) ->
                     raise ValueError(f"{pooling_file}: one pooling mode of {sorted(_ST_MODES)} must be set (this "
                                      "engine pools one way), found {chosen or 'none'}")
                 pooling = chosen[0]
-    if isinstance(override, str):
-        try:
-            override = json.loads(override)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"pooler_config: not JSON: {e}") from None
-    override = dict(override or {})
-    unknown = set(override) - {"pooling_type", "normalize"}
-    if unknown:
-        raise ValueError(f"pooler_config: unknown field(s) {sorted(unknown)} (pooling_type, normalize)")
+    override = json_option("pooler_config", override, {"pooling_type", "normalize"})
     pooling = str(override.get("pooling_type", pooling)).upper()
     if pooling not in POOLING_TYPES:
         raise ValueError(f"pooler_config: pooling_type must be one of {POOLING_TYPES}, got {pooling!r}")
