@@ -139,7 +139,7 @@ class ModelRunner:
         self.host_cache: torch.Tensor | None = None  # swap space, same layout, in host memory
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), see capture_graphs
-        self.piecewise: PiecewiseGraphs | None = None  # captured pieces of any step (CUDA), see capture_graphs
+        self.piecewise: PiecewiseGraphs | None = None  # captured pieces of any step (CUDA), see capture_piecewise
         self.lora: LoRAManager | None = None  # adapter slots (enable_lora)
         self.lora_slots: SlotTable | None = None  # rank 0's: which adapter each slot holds
 
