@@ -1,8 +1,9 @@
 """Flotilla: a paged-attention LLM inference engine and the Kubernetes operator that runs fleets of it.
 
 The subpackages live in top-level folders (``engine/``, ``kernels/``, ``operator/``) mapped onto this
-package by ``pyproject.toml``. ``operator/`` deliberately has no ``__init__.py``: as a regular package it
-would shadow the standard library's ``operator`` whenever Python runs from the repository root. The
-symlink ``flotilla/operator`` lets an editable install resolve that namespace package; wheels copy the
-files in place.
+package by ``pyproject.toml``. ``operator/`` and ``kernels/`` deliberately have no ``__init__.py``: as regular
+packages they would shadow, whenever Python runs from the repository root, the standard library's ``operator``
+and the ``kernels`` distribution that transformers imports (tests/test_layout.py). The symlinks
+``flotilla/operator`` and ``flotilla/kernels`` let an editable install resolve those namespace packages; wheels
+copy the files in place.
 """
