@@ -12,11 +12,16 @@ import json
 import random
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import kernel_cases  # noqa: F401  (first: without CUDA it sets TRITON_INTERPRET, which the Triton kernels read)
 from conftest import assert_pool_whole, hf_greedy
 from flotilla.engine import LLM, SamplingParams
 from flotilla.engine.config import CompilationConfig, EngineArgs
 from flotilla.engine.cuda_graphs import PIECEWISE_MAX_TOKENS, graph_sizes, mixed_capture_sizes
+from flotilla.kernels.elementwise import ELEMENTWISE_ENV
+from flotilla.kernels.moe import MOE_ENV
 
 
 class _Rerun:
@@ -136,3 +141,62 @@ def test_the_pieces_match_transformers_through_chunking_and_prefix_hits(tiny_lla
     assert ran and max(ran) > 48
     for prompt, param, out in zip(prompts, params, outs):
         assert out.outputs[0].token_ids == hf_greedy(tiny_llama, prompt["prompt_token_ids"], param.max_tokens)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that read a device value back on the host (a sync, which a CUDA graph capture refuses), copy
+    host data in (``torch.tensor`` of a list: a pageable copy, refused too), or size their output by the data
+    (boolean-mask indexing, ``nonzero``), so replay could not repeat them."""
+
+    SYNCS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static", "masked_select", "lift_fresh",
+             "lift_fresh_copy", "_unique2", "unique_dim", "unique_consecutive", "bincount", "histc"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self.SYNCS:
+            self.found.add(name)
+        elif name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+            self.found.add(f"{name} with a boolean mask")
+        elif name == "repeat_interleave" and isinstance(args[0 if len(args) == 1 else 1], torch.Tensor) \
+                and kwargs.get("output_size") is None:
+            self.found.add("repeat_interleave without output_size")
+        return func(*args, **kwargs)
+
+
+def _host_reads_of(fn) -> set[str]:
+    with _HostReads() as log:
+        fn()
+    return log.found
+
+
+def test_the_host_read_check_finds_what_breaks_a_capture():
+    x = torch.randn(8)
+    assert _host_reads_of(lambda: x.sum().item()) == {"_local_scalar_dense"}
+    assert _host_reads_of(lambda: x[x > 0]) == {"index with a boolean mask"}
+    assert _host_reads_of(lambda: x + torch.tensor([1.0])) == {"lift_fresh"}
+    assert _host_reads_of(lambda: torch.repeat_interleave(x, torch.tensor([2] * 8), dim=0)) >= {
+        "repeat_interleave without output_size"}
+    assert _host_reads_of(lambda: (x * 2).softmax(0)) == set()
+
+
+def test_no_piece_reads_the_device_on_the_host(tiny_model, monkeypatch):
+    """What makes a CUDA graph capture fail, checked before a GPU sees it: every piece of every family, through the
+    kernels a GPU runs (Triton, interpreted here), neither syncs nor sizes anything by the data."""
+    found: dict[int, set[str]] = {}
+
+    def checked_capture(fn, pool):
+        found[len(found)] = _host_reads_of(fn)
+        return _Rerun(fn)
+
+    llm = LLM(str(tiny_model), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32, warmup=False)
+    monkeypatch.setenv(ELEMENTWISE_ENV, "triton")  # read at each call: the pieces run what a GPU would
+    monkeypatch.setenv(MOE_ENV, "triton")
+    llm.llm_engine.runner.capture_piecewise([16, 32], capture=checked_capture)
+    assert len(found) == 2 * (len(llm.llm_engine.runner.model.layers) + 1)
+    assert {piece: ops for piece, ops in found.items() if ops} == {}
