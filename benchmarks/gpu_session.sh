@@ -3,15 +3,19 @@
 # no network): benchmarks/gpu_session.sh PHASE...   with PHASE one of
 #   info        the GPU, driver and versions
 #   tests       the kernel tests (fp16/bf16 on CUDA) and the engine's exactness tests (fp32, token for token)
+#   graphs      the CUDA-graph tests alone (full decode graphs and piecewise graphs, token-exact against eager)
 #   kernels     benchmarks/kernels.py (decode bandwidth vs copy, prefill vs SDPA)
 #   sweep       benchmarks/kernels.py --sweep (the kernels' launch shapes)
 #   agreement   benchmarks/gpu_agreement.py (bf16 top-1 agreement with transformers)
-#   throughput  benchmarks/offline_throughput.py, Llama-3.1-8B shape (dummy weights), 1,000 ShareGPT-like prompts
+#   throughput  benchmarks/offline_throughput.py, Llama-3.1-8B shape (dummy weights), 1,000 ShareGPT-like prompts;
+#               transformers' generate() on the first 64 too only with HF=1 (about two minutes; measured at 95x)
 #   eager       the same with --enforce-eager (no CUDA graphs)
 #   piecewise   the same with --compilation-config '{"cudagraph_mode": "FULL_AND_PIECEWISE"}' (steps with prompts
 #               replay piecewise graphs too)
 # TOKENIZER (default .gpu/tokenizer): a folder with SmolLM2's tokenizer files (the GPU machine lacks the bundled
-# GGUF). Results go to $OUT (default /tmp/gpu-out).
+# GGUF): benchmarks/gpu_prepare.sh makes it here, and the device call carries .gpu. Results go to $OUT (default
+# /tmp/gpu-out). A session has 15 minutes of device time, the machine's start included: the next one runs
+#   benchmarks/gpu_session.sh info graphs piecewise throughput      (about 6 minutes; each phase has a timeout)
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 TOKENIZER=${TOKENIZER:-.gpu/tokenizer}
@@ -24,7 +28,8 @@ ALL_TESTS="tests/test_kernels_attention.py tests/test_kernels_cache.py tests/tes
   tests/test_prefix_chunk_preempt.py tests/test_cuda_graphs.py tests/test_piecewise_graphs.py"
 THROUGHPUT=(benchmarks/offline_throughput.py --model benchmarks/configs/llama-3.1-8b --load-format dummy
             --tokenizer "$TOKENIZER" --no-detokenize --workload sharegpt --num-seqs 1000 --dtype bfloat16
-            --hf-subset 64 --hf-batch 64 --skip vllm --step-breakdown)
+            --hf-subset 64 --hf-batch 64 --step-breakdown)
+if [ "${HF:-0}" = 1 ]; then SKIP=(--skip vllm); else SKIP=(--skip vllm hf); fi
 for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
@@ -36,6 +41,12 @@ for phase in "$@"; do
         -n 8 --timeout 150 --tb=short -rfE --durations=8 -m "not smollm2" ${TESTS:-$ALL_TESTS} > "$OUT/tests.log" 2>&1
       echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; grep -A10 "slowest" "$OUT/tests.log" ;;
+    graphs)
+      FLOTILLA_TEST_TOKENIZER=$TOKENIZER timeout "${GRAPHS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider \
+        -n 8 --timeout 120 --tb=short -rfE -m "not smollm2" tests/test_cuda_graphs.py tests/test_piecewise_graphs.py \
+        > "$OUT/graphs.log" 2>&1
+      echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/graphs.log" | tail -3
+      grep -E "^(FAILED|ERROR)" "$OUT/graphs.log" | head -30 ;;
     sweep)
       timeout 300 python3 benchmarks/kernels.py --dtype bfloat16 --sweep --json "$OUT/sweep.json" 2>&1 | tail -16 ;;
     kernels)
@@ -43,12 +54,13 @@ for phase in "$@"; do
     agreement)
       timeout 150 python3 benchmarks/gpu_agreement.py --tokenizer "$TOKENIZER" --json "$OUT/agreement.json" 2>&1 | tail -8 ;;
     throughput)
-      timeout "${THROUGHPUT_TIMEOUT:-400}" python3 "${THROUGHPUT[@]}" --json "$OUT/throughput.json" ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
+      timeout "${THROUGHPUT_TIMEOUT:-180}" python3 "${THROUGHPUT[@]}" "${SKIP[@]}" --json "$OUT/throughput.json" \
+        ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
     eager)
-      timeout "${THROUGHPUT_TIMEOUT:-400}" python3 "${THROUGHPUT[@]}" --enforce-eager --skip vllm hf \
+      timeout "${THROUGHPUT_TIMEOUT:-180}" python3 "${THROUGHPUT[@]}" --enforce-eager --skip vllm hf \
         --json "$OUT/throughput_eager.json" ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
     piecewise)
-      timeout "${THROUGHPUT_TIMEOUT:-400}" python3 "${THROUGHPUT[@]}" --skip vllm hf \
+      timeout "${THROUGHPUT_TIMEOUT:-180}" python3 "${THROUGHPUT[@]}" --skip vllm hf \
         --compilation-config '{"cudagraph_mode": "FULL_AND_PIECEWISE"}' \
         --json "$OUT/throughput_piecewise.json" ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
     *) echo "unknown phase $phase"; exit 2 ;;
