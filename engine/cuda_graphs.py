@@ -170,6 +170,9 @@ class PiecewiseGraphs:
         pinned = device.type == "cuda"  # staging for non_blocking copies; on the CPU the buffers are written directly
         self.host_ids = torch.zeros(top, dtype=torch.long, pin_memory=pinned) if pinned else self.input_ids
         self.host_positions = torch.zeros(top, dtype=torch.long, pin_memory=pinned) if pinned else self.positions
+        # Recorded after a step's copies out of the pinned buffers. A step that samples nothing (a prompt chunk
+        # alone) never waits for the GPU, so the next one could rewrite the buffers before the copies read them.
+        self.inputs_copied = torch.cuda.Event() if pinned else None
         self.q, self.k, self.v = buffer(top, heads, head_dim), buffer(top, kv_heads, head_dim), buffer(
             top, kv_heads, head_dim)
         self.attn_out, self.residual, self.hidden = buffer(top, heads * head_dim), buffer(top, hidden), buffer(
@@ -222,11 +225,14 @@ class PiecewiseGraphs:
         size = padded_size(self.sizes, n)
         if size is None:
             return None
+        if self.inputs_copied is not None:
+            self.inputs_copied.synchronize()  # the last step's copies are done with the pinned buffers
         self.host_ids.numpy()[:n] = input_ids
         self.host_positions.numpy()[:n] = positions
-        if self.host_ids is not self.input_ids:
+        if self.inputs_copied is not None:
             self.input_ids[:n].copy_(self.host_ids[:n], non_blocking=True)
             self.positions[:n].copy_(self.host_positions[:n], non_blocking=True)
+            self.inputs_copied.record()
         graphs = self.graphs[size]
         for layer, graph in zip(self.model.layers, graphs):
             graph.replay()
