@@ -4,7 +4,7 @@
 # pytest-xdist and pytest-timeout but no network and no bundled SmolLM2; the phases need only its tokenizer
 # (the tiny test models and the 8B-shaped benchmark use it). Then, in one device call:
 #   run(command="benchmarks/gpu_session.sh info graphs piecewise throughput", carry=[".gpu"], timeout_s=560)
-# (HF=0 by default there: transformers' baseline is left out unless a phase asks for it; see gpu_session.sh.)
+# (transformers' baseline is left out there unless HF=1; see gpu_session.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude

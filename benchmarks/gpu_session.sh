@@ -30,39 +30,39 @@ THROUGHPUT=(benchmarks/offline_throughput.py --model benchmarks/configs/llama-3.
             --tokenizer "$TOKENIZER" --no-detokenize --workload sharegpt --num-seqs 1000 --dtype bfloat16
             --hf-subset 64 --hf-batch 64 --step-breakdown)
 if [ "${HF:-0}" = 1 ]; then SKIP=(--skip vllm); else SKIP=(--skip vllm hf); fi
+
+pytest_phase() {  # NAME TIMEOUT FILES...: the files' tests on CUDA (tiny models), the log in $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  FLOTILLA_TEST_TOKENIZER=$TOKENIZER timeout "$limit" python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \
+    --tb=short -rfE --durations=8 -m "not smollm2" "$@" > "$OUT/$name.log" 2>&1
+  echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/$name.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$OUT/$name.log" | head -30; grep -A10 "slowest" "$OUT/$name.log"
+}
+
+throughput_phase() {  # NAME ARGS...: the 8B-shaped run with ARGS, its figures in $OUT/NAME.json
+  local name=$1; shift
+  timeout "${THROUGHPUT_TIMEOUT:-180}" python3 "${THROUGHPUT[@]}" "$@" --json "$OUT/$name.json" \
+    ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25
+}
+
 for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
     info)
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
       python3 -c "import torch, triton, transformers, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" ;;
-    tests)
-      FLOTILLA_TEST_TOKENIZER=$TOKENIZER timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
-        -n 8 --timeout 150 --tb=short -rfE --durations=8 -m "not smollm2" ${TESTS:-$ALL_TESTS} > "$OUT/tests.log" 2>&1
-      echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
-      grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; grep -A10 "slowest" "$OUT/tests.log" ;;
-    graphs)
-      FLOTILLA_TEST_TOKENIZER=$TOKENIZER timeout "${GRAPHS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider \
-        -n 8 --timeout 120 --tb=short -rfE -m "not smollm2" tests/test_cuda_graphs.py tests/test_piecewise_graphs.py \
-        > "$OUT/graphs.log" 2>&1
-      echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/graphs.log" | tail -3
-      grep -E "^(FAILED|ERROR)" "$OUT/graphs.log" | head -30 ;;
+    tests) pytest_phase tests "${TESTS_TIMEOUT:-300}" ${TESTS:-$ALL_TESTS} ;;
+    graphs) pytest_phase graphs "${GRAPHS_TIMEOUT:-150}" tests/test_cuda_graphs.py tests/test_piecewise_graphs.py ;;
     sweep)
       timeout 300 python3 benchmarks/kernels.py --dtype bfloat16 --sweep --json "$OUT/sweep.json" 2>&1 | tail -16 ;;
     kernels)
       timeout 200 python3 benchmarks/kernels.py --dtype bfloat16 --json "$OUT/kernels.json" 2>&1 | tail -45 ;;
     agreement)
       timeout 150 python3 benchmarks/gpu_agreement.py --tokenizer "$TOKENIZER" --json "$OUT/agreement.json" 2>&1 | tail -8 ;;
-    throughput)
-      timeout "${THROUGHPUT_TIMEOUT:-180}" python3 "${THROUGHPUT[@]}" "${SKIP[@]}" --json "$OUT/throughput.json" \
-        ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
-    eager)
-      timeout "${THROUGHPUT_TIMEOUT:-180}" python3 "${THROUGHPUT[@]}" --enforce-eager --skip vllm hf \
-        --json "$OUT/throughput_eager.json" ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
+    throughput) throughput_phase throughput "${SKIP[@]}" ;;
+    eager) throughput_phase throughput_eager --skip vllm hf --enforce-eager ;;
     piecewise)
-      timeout "${THROUGHPUT_TIMEOUT:-180}" python3 "${THROUGHPUT[@]}" --skip vllm hf \
-        --compilation-config '{"cudagraph_mode": "FULL_AND_PIECEWISE"}' \
-        --json "$OUT/throughput_piecewise.json" ${THROUGHPUT_EXTRA:-} 2>&1 | tail -25 ;;
+      throughput_phase throughput_piecewise --skip vllm hf --compilation-config '{"cudagraph_mode": "FULL_AND_PIECEWISE"}' ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

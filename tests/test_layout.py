@@ -28,7 +28,7 @@ def test_no_top_level_package_folder_has_the_name_of_an_installed_module(tmp_pat
     ``kernels/`` are namespace folders for that reason (flotilla/__init__.py)."""
     packages = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "flotilla")
     assert packages, "engine/ and router/ are regular packages"
-    found = _python("import importlib.util, sys\n"
+    found = _python("import importlib.util\n"
                     f"print(' '.join(n for n in {packages!r} if importlib.util.find_spec(n) is not None))", tmp_path)
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == [], f"installed modules that a folder of the checkout shadows: {found.stdout}"
