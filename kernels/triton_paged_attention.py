@@ -247,6 +247,64 @@ def paged_decode_attention(
 
 # ---- prefill ------------------------------------------------------------------------------------------
 
+@triton.jit
+def _prefill_keys(q, m, l, acc, start, k_ptr, v_ptr, bt_ptr, seq, q_start, kvh, q_pos, kv_end, scale, window, softcap,
+                  d, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_bt,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """One iteration of the key loop: BLOCK_N keys from ``start`` folded into the tile's running max ``m`` (log2
+    units), sum ``l`` and output ``acc``. MASKED tiles may hold keys past ``kv_end`` or that some of the tile's
+    queries may not see (the causal diagonal, a window's edge); an unmasked tile is one every query sees whole, so
+    it skips the mask arithmetic, which is most of the work of a long prompt."""
+    pos = start + tl.arange(0, BLOCK_N)
+    n_ok = pos < kv_end
+    if PAGED:
+        # BLOCK_N may span several cache blocks: look up each key's block.
+        if MASKED:
+            phys = tl.load(bt_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        else:
+            phys = tl.load(bt_ptr + seq * stride_bt + pos // BLOCK_SIZE).to(tl.int64)
+        k_off = phys * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+        v_off = phys * stride_vb + (pos % BLOCK_SIZE) * stride_vt + kvh * stride_vh
+    else:
+        k_off = (q_start + pos).to(tl.int64) * stride_kt + kvh * stride_kh
+        v_off = (q_start + pos).to(tl.int64) * stride_vt + kvh * stride_vh
+    kv_mask = d[None, :] < HEAD_DIM
+    if MASKED:
+        kv_mask = kv_mask & n_ok[:, None]
+    if MASKED or HEAD_DIM != BLOCK_D:
+        k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptr + k_off[:, None] + d[None, :])
+    # Scores in log2 units, for exp2 (the GPU's native exponential): exp(x) = exp2(x * log2(e)).
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if SOFTCAP:
+        s = _soft_cap(s * scale, softcap) * 1.4426950408889634
+    else:
+        s = s * (scale * 1.4426950408889634)
+    if MASKED:
+        visible = (pos[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        if WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # A row may see none of this tile's keys yet (a window narrower than the query tile): keep its sums at 0
+        # rather than exp2(-inf - -inf).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m - m_use)  # 0 while m is -inf
+    l = l * alpha + tl.sum(p, axis=1)
+    if MASKED or HEAD_DIM != BLOCK_D:
+        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(v_ptr + v_off[:, None] + d[None, :])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l, acc
+
 
 @triton.jit(do_not_specialize=["num_seqs", "window"])
 def _prefill_kernel(
@@ -257,14 +315,19 @@ def _prefill_kernel(
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """One program: BLOCK_M consecutive new tokens of one sequence × one query head.
 
     Tiles are laid out without a host sync: sequence i owns tiles from ``qsl[i] // BLOCK_M + i``, an upper
     bound on the tiles of the sequences before it, so a binary search over ``query_start_loc`` finds a
-    program's sequence and surplus programs exit. PAGED reads K/V through the block table (context already
-    cached); otherwise K/V are the new tokens' own ``[num_tokens, kv_heads, head_dim]`` tensors."""
+    program's sequence and surplus programs exit. A sequence's programs take its tiles last first: under the
+    causal mask later tiles see more keys, so the long programs start early and the grid ends on short ones.
+    PAGED reads K/V through the block table (context already cached); otherwise K/V are the new tokens' own
+    ``[num_tokens, kv_heads, head_dim]`` tensors.
+
+    The key loop runs in three stretches: keys that only some queries see (a window's trailing edge), keys every
+    query of the tile sees (no mask), and the causal diagonal (keys past the tile's first query)."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
     kvh = head // GROUP
@@ -280,8 +343,9 @@ def _prefill_kernel(
     seq = lo - 1
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
-    tile = pid - (q_start // BLOCK_M + seq)
-    if tile * BLOCK_M < q_len:
+    num_tiles = tl.cdiv(q_len, BLOCK_M)
+    tile = num_tiles - 1 - (pid - (q_start // BLOCK_M + seq))  # last tile first; negative: a surplus program
+    if tile >= 0:
         if PAGED:
             seq_len = tl.load(lens_ptr + seq)
         else:
@@ -293,58 +357,54 @@ def _prefill_kernel(
         d_ok = d < HEAD_DIM
         q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        dot_dtype = k_ptr.dtype.element_ty
-        q = q.to(dot_dtype)  # the matmuls take the storage dtype (see the module docstring)
+        q = q.to(k_ptr.dtype.element_ty)  # the matmuls take the storage dtype (see the module docstring)
 
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # Causality: this tile's last query sees keys up to its own position, nothing beyond.
-        kv_end = tl.minimum(seq_len, seq_len - q_len + tl.minimum((tile + 1) * BLOCK_M, q_len))
-        # A window: the tile's first query sees nothing before its own position - window + 1.
-        kv_start = 0
-        if window > 0:
-            kv_start = tl.maximum(seq_len - q_len + tile * BLOCK_M - window + 1, 0)
-        n = tl.arange(0, BLOCK_N)
-        for start in range(kv_start, kv_end, BLOCK_N):
-            pos = start + n
-            n_ok = pos < kv_end
-            if PAGED:
-                # BLOCK_N may span several cache blocks: look up each key's block.
-                phys = tl.load(bt_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-                k_off = phys * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-                v_off = phys * stride_vb + (pos % BLOCK_SIZE) * stride_vt + kvh * stride_vh
-            else:
-                k_off = (q_start + pos).to(tl.int64) * stride_kt + kvh * stride_kh
-                v_off = (q_start + pos).to(tl.int64) * stride_vt + kvh * stride_vh
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-            if SOFTCAP:
-                s = _soft_cap(s, softcap)
-            visible = (pos[None, :] <= q_pos[:, None]) & n_ok[None, :]
-            if window > 0:
-                visible = visible & (pos[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            # A row may see none of this tile's keys yet (a window narrower than the query tile): keep its sums at 0
-            # rather than exp(-inf - -inf).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            l = l * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision=DOT_PRECISION)
-            m = m_new
+        first_q = seq_len - q_len + tile * BLOCK_M
+        kv_end = seq_len - q_len + tl.minimum((tile + 1) * BLOCK_M, q_len)  # causal: past the last query's own key
+        edge_end = 0  # every query of the tile sees the keys from here up to its first query's own...
+        if WINDOW:  # ...but a window hides the first ones from the tile's later queries: mask those
+            kv_start = tl.maximum(first_q - window + 1, 0)
+            full_lo = tl.maximum(kv_end - window, 0)
+            # [kv_start, edge_end): the window's edge; whole BLOCK_N steps from kv_start, so the stretches meet.
+            edge_end = tl.minimum(kv_start + tl.cdiv(full_lo - kv_start, BLOCK_N) * BLOCK_N, kv_end)
+            for start in range(kv_start, edge_end, BLOCK_N):
+                m, l, acc = _prefill_keys(q, m, l, acc, start, k_ptr, v_ptr, bt_ptr, seq, q_start, kvh, q_pos, kv_end,
+                                          scale, window, softcap, d, stride_kb, stride_kh, stride_kt, stride_vb,
+                                          stride_vh, stride_vt, stride_bt, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE,
+                                          PAGED, DOT_PRECISION, SOFTCAP, WINDOW, True)
+        # [edge_end, diag_start): keys at or before the first query's position, seen by all, unmasked.
+        diag_start = edge_end + tl.maximum(first_q + 1 - edge_end, 0) // BLOCK_N * BLOCK_N
+        for start in range(edge_end, diag_start, BLOCK_N):
+            m, l, acc = _prefill_keys(q, m, l, acc, start, k_ptr, v_ptr, bt_ptr, seq, q_start, kvh, q_pos, kv_end,
+                                      scale, window, softcap, d, stride_kb, stride_kh, stride_kt, stride_vb,
+                                      stride_vh, stride_vt, stride_bt, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, PAGED,
+                                      DOT_PRECISION, SOFTCAP, WINDOW, False)
+        for start in range(diag_start, kv_end, BLOCK_N):
+            m, l, acc = _prefill_keys(q, m, l, acc, start, k_ptr, v_ptr, bt_ptr, seq, q_start, kvh, q_pos, kv_end,
+                                      scale, window, softcap, d, stride_kb, stride_kh, stride_kt, stride_vb,
+                                      stride_vh, stride_vt, stride_bt, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, PAGED,
+                                      DOT_PRECISION, SOFTCAP, WINDOW, True)
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 # Prefill launch shape on CUDA (query tokens a program, keys an iteration, warps, pipelining depth): chosen by the
-# sweep in benchmarks/kernels.py (--sweep) on an H100. ``PREFILL_LAUNCH_OVERRIDE`` replaces it (that sweep; tests).
+# sweep in benchmarks/kernels.py (--sweep) on an H100, for the kernel as it was before its key loop was split into
+# stretches (`benchmarks/gpu_session.sh prefill` sweeps again). ``PREFILL_LAUNCH_OVERRIDE`` replaces it (that sweep;
+# tests).
 PREFILL_LAUNCH = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
+# Heads wider than 128 (Gemma's 256): 8 warps share the tile's fp32 accumulator, which 4 warps hold only by spilling
+# registers (benchmarks/kernels_compile.py for sm_90: 255 registers and a spill at 4 warps, 219 and none at 8).
+PREFILL_LAUNCH_WIDE_HEADS = dict(block_m=64, block_n=32, num_warps=8, num_stages=3)
 PREFILL_LAUNCH_OVERRIDE: dict | None = None
+
+
+def cuda_prefill_launch(head_dim: int) -> dict:
+    return PREFILL_LAUNCH if head_dim <= 128 else PREFILL_LAUNCH_WIDE_HEADS
 
 
 def _prefill_launch(query, key_src, value_src, block_tables, seq_lens, query_start_loc, scale, block_size,
@@ -360,7 +420,7 @@ def _prefill_launch(query, key_src, value_src, block_tables, seq_lens, query_sta
     if PREFILL_LAUNCH_OVERRIDE is not None:
         launch = PREFILL_LAUNCH_OVERRIDE
     elif query.device.type == "cuda":
-        launch = PREFILL_LAUNCH
+        launch = cuda_prefill_launch(head_dim)
     else:
         launch = dict(block_m=16, block_n=max(16, min(64, block_size)), num_warps=4, num_stages=1)
     block_m = launch["block_m"]
@@ -372,7 +432,7 @@ def _prefill_launch(query, key_src, value_src, block_tables, seq_lens, query_sta
         BLOCK_M=block_m, BLOCK_N=launch["block_n"], BLOCK_SIZE=block_size, PAGED=paged,
         # fp32 operands stay IEEE fp32 (no TF32); fp16/bf16 ignore this and use tensor cores.
         DOT_PRECISION="ieee" if key_src.dtype == torch.float32 else "tf32", SOFTCAP=softcap is not None,
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        WINDOW=bool(window), num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out
 

@@ -263,3 +263,40 @@ def test_a_window_narrower_than_the_query_tile_leaves_no_row_without_keys(monkey
         out = varlen_causal_attention(q, kv[:, :2], kv[:, 2:], qsl, 0.5, window=window)
         ref = varlen_causal_attention_ref(q, kv[:, :2], kv[:, 2:], qsl, 0.5, window=window)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+# Launch shapes (query tokens a program, keys an iteration): key steps narrower than, as wide as, and wider than a
+# query tile, so the causal diagonal spans part of a step, one step, or several query tiles.
+PREFILL_SHAPES = [(16, 16), (32, 16), (16, 64)]
+
+
+@pytest.mark.parametrize("block_m,block_n", PREFILL_SHAPES, ids=[f"m{m}-n{n}" for m, n in PREFILL_SHAPES])
+@pytest.mark.parametrize("window", [None, 5, 45], ids=["causal", "window5", "window45"])
+def test_prefill_key_stretches_meet_exactly_for_any_launch_shape(block_m, block_n, window, monkeypatch):
+    """The prefill key loop runs in stretches (a window's edge and the causal diagonal masked, the keys every query
+    of the tile sees unmasked): for every launch shape, long prompts and chunks after a cached context give the
+    reference's output, so no key is dropped or counted twice where the stretches meet."""
+    from flotilla.kernels import triton_paged_attention
+
+    monkeypatch.setattr(triton_paged_attention, "PREFILL_LAUNCH_OVERRIDE",
+                        dict(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1))
+    # (context incl. new tokens, new tokens): a fresh prompt of several tiles; chunks after 46 and 47 cached tokens,
+    # so that a tile's first query sits one before and on the end of a key step (the last key every query of
+    # the tile sees, where the unmasked stretch must stop); one token after 100.
+    spans = [(131, 131), (96, 50), (97, 50), (101, 1)]
+    seq_lens = [n for n, _ in spans]
+    k_cache, v_cache, tables, _, _ = paged_setup(seq_lens, 2, 32, 16, torch.float32, seed=12)
+    qsl = [0]
+    for _, q_len in spans:
+        qsl.append(qsl[-1] + q_len)
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(qsl[-1], 4, 32, generator=g).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor(qsl, dtype=torch.int32, device=DEVICE)
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, lens, starts, 0.2, window=window)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, tables, lens, starts, 0.2, window=window)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    kv = torch.randn(qsl[-1], 4, 32, generator=g).to(DEVICE)
+    torch.testing.assert_close(varlen_causal_attention(q, kv[:, :2], kv[:, 2:], starts, 0.2, window=window),
+                               varlen_causal_attention_ref(q, kv[:, :2], kv[:, 2:], starts, 0.2, window=window),
+                               atol=2e-5, rtol=2e-5)
