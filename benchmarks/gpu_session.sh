@@ -6,6 +6,7 @@
 #   graphs      the CUDA-graph tests alone (full decode graphs and piecewise graphs, token-exact against eager)
 #   kernels     benchmarks/kernels.py (decode bandwidth vs copy, prefill vs SDPA)
 #   sweep       benchmarks/kernels.py --sweep (the kernels' launch shapes)
+#   prefill     prefill attention alone: its tests on CUDA, its TFLOP/s against SDPA, its launch-shape sweep (~4 min)
 #   agreement   benchmarks/gpu_agreement.py (bf16 top-1 agreement with transformers)
 #   throughput  benchmarks/offline_throughput.py, Llama-3.1-8B shape (dummy weights), 1,000 ShareGPT-like prompts;
 #               transformers' generate() on the first 64 too only with HF=1 (about two minutes; measured at 95x)
@@ -16,6 +17,7 @@
 # GGUF): benchmarks/gpu_prepare.sh makes it here, and the device call carries .gpu. Results go to $OUT (default
 # /tmp/gpu-out). A session has 15 minutes of device time, the machine's start included: the next one runs
 #   benchmarks/gpu_session.sh info graphs piecewise throughput      (about 6 minutes; each phase has a timeout)
+# and, in a second call if the time allows, benchmarks/gpu_session.sh prefill
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 TOKENIZER=${TOKENIZER:-.gpu/tokenizer}
@@ -55,6 +57,12 @@ for phase in "$@"; do
     graphs) pytest_phase graphs "${GRAPHS_TIMEOUT:-150}" tests/test_cuda_graphs.py tests/test_piecewise_graphs.py ;;
     sweep)
       timeout 300 python3 benchmarks/kernels.py --dtype bfloat16 --sweep --json "$OUT/sweep.json" 2>&1 | tail -16 ;;
+    prefill)
+      pytest_phase prefill_tests 120 tests/test_kernels_attention.py -k prefill
+      timeout 100 python3 benchmarks/kernels.py --dtype bfloat16 --only prefill --json "$OUT/prefill.json" 2>&1 \
+        | tail -14
+      timeout 200 python3 benchmarks/kernels.py --dtype bfloat16 --only prefill --sweep \
+        --json "$OUT/prefill_sweep.json" 2>&1 | tail -8 ;;
     kernels)
       timeout 200 python3 benchmarks/kernels.py --dtype bfloat16 --json "$OUT/kernels.json" 2>&1 | tail -45 ;;
     agreement)

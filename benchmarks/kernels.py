@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-lens", default="512,1024,2048,4096,8192")
     p.add_argument("--max-kv-gib", type=float, default=None,
                    help="skip decode shapes whose K/V exceed this (default: 40%% of device memory)")
+    p.add_argument("--only", choices=("decode", "prefill"), default=None,
+                   help="measure (or sweep) one kernel only")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--sweep", action="store_true",
                    help="time the kernels' launch shapes (tile, warps, pipelining) on a few shapes and print the best "
@@ -140,37 +142,65 @@ def bench_prefill(args: argparse.Namespace, dtype: torch.dtype, device: torch.de
 
 def sweep(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> dict:
     """Milliseconds of each launch shape on representative shapes; the best by geometric mean over the shapes."""
+    results: dict = {}
+    shapes: dict = {}
+    if args.only != "prefill":
+        shapes["decode"], results["decode"] = _sweep_decode(args, dtype, device)
+        torch.cuda.empty_cache()
+    if args.only != "decode":
+        shapes["prefill"], results["prefill"] = _sweep_prefill(args, dtype, device)
+    from flotilla.kernels import triton_paged_attention as tpa
+
+    for kind in results:
+        ranked = sorted(results[kind].items(), key=lambda kv: math.prod(kv[1]) ** (1 / len(kv[1])))
+        print(f"\n{kind} sweep, ms at shapes {shapes[kind]}; best five, then the default")
+        default = (f"tile{tpa.DECODE_TILE_N}-w{tpa.DECODE_NUM_WARPS}-s{tpa.DECODE_NUM_STAGES}" if kind == "decode" else
+                   "m{block_m}-n{block_n}-w{num_warps}-s{num_stages}".format(**tpa.PREFILL_LAUNCH))
+        for name, times in ranked[:5] + [(default + " (default)", results[kind].get(default, []))]:
+            print(f"  {name:>28}: " + " ".join(f"{t:8.3f}" for t in times))
+    return results
+
+
+def _sweep_decode(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> tuple[list, dict]:
     import itertools
 
     from flotilla.kernels import triton_paged_attention as tpa
 
     bs, kvh, hd, h = args.block_size, args.kv_heads, args.head_dim, args.heads
-    results: dict = {"decode": {}, "prefill": {}}
-    decode_shapes = [(256, 512), (256, 2048), (64, 2048), (32, 8192), (1, 32768), (8, 2048)]
+    shapes = [(256, 512), (256, 2048), (64, 2048), (32, 8192), (1, 32768), (8, 2048)]
     inputs = []
-    for batch, ctx in decode_shapes:
+    for batch, ctx in shapes:
         blocks = batch * (ctx // bs)
         k_cache = torch.randn(blocks, kvh, bs, hd, dtype=dtype, device=device)
         tables = torch.randperm(blocks, device=device).to(torch.int32).view(batch, ctx // bs)
         inputs.append((k_cache, torch.randn_like(k_cache), tables,
                        torch.full((batch,), ctx, dtype=torch.int32, device=device),
                        torch.randn(batch, h, hd, dtype=dtype, device=device)))
+    results = {}
     for tile, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)):
         times = []
         for k_cache, v_cache, tables, lens, q in inputs:
             times.append(bench_ms(lambda: tpa.paged_decode_attention(
                 q, k_cache, v_cache, tables, lens, hd**-0.5, tile_n=tile, num_warps=warps, num_stages=stages)))
-        results["decode"][f"tile{tile}-w{warps}-s{stages}"] = times
-    del inputs
-    torch.cuda.empty_cache()
-    prefill_shapes = [(1, 2048), (4, 1024), (16, 256)]
+        results[f"tile{tile}-w{warps}-s{stages}"] = times
+    return shapes, results
+
+
+def _sweep_prefill(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> tuple[list, dict]:
+    import itertools
+
+    from flotilla.kernels import triton_paged_attention as tpa
+
+    kvh, hd, h = args.kv_heads, args.head_dim, args.heads
+    shapes = [(1, 2048), (4, 1024), (16, 256)]
     inputs = []
-    for batch, n in prefill_shapes:
+    for batch, n in shapes:
         tokens = batch * n
         inputs.append((torch.randn(tokens, h, hd, dtype=dtype, device=device),
                        torch.randn(tokens, kvh, hd, dtype=dtype, device=device),
                        torch.randn(tokens, kvh, hd, dtype=dtype, device=device),
                        torch.arange(0, tokens + 1, n, dtype=torch.int32, device=device)))
+    results = {}
     for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
         tpa.PREFILL_LAUNCH_OVERRIDE = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
         try:
@@ -178,16 +208,10 @@ def sweep(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) ->
         except Exception as e:  # noqa: BLE001  (a shape the compiler refuses, e.g. out of shared memory)
             times = [float("inf")] * len(inputs)
             print(f"prefill m{bm}-n{bn}-w{warps}-s{stages}: {type(e).__name__}")
-        results["prefill"][f"m{bm}-n{bn}-w{warps}-s{stages}"] = times
-    tpa.PREFILL_LAUNCH_OVERRIDE = None
-    for kind, shapes in (("decode", decode_shapes), ("prefill", prefill_shapes)):
-        ranked = sorted(results[kind].items(), key=lambda kv: math.prod(kv[1]) ** (1 / len(kv[1])))
-        print(f"\n{kind} sweep, ms at shapes {shapes}; best five, then the default")
-        default = (f"tile{tpa.DECODE_TILE_N}-w{tpa.DECODE_NUM_WARPS}-s{tpa.DECODE_NUM_STAGES}" if kind == "decode" else
-                   "m{block_m}-n{block_n}-w{num_warps}-s{num_stages}".format(**tpa.PREFILL_LAUNCH))
-        for name, times in ranked[:5] + [(default + " (default)", results[kind].get(default, []))]:
-            print(f"  {name:>28}: " + " ".join(f"{t:8.3f}" for t in times))
-    return results
+        finally:
+            tpa.PREFILL_LAUNCH_OVERRIDE = None
+        results[f"m{bm}-n{bn}-w{warps}-s{stages}"] = times
+    return shapes, results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth(device)
     print(f"device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
 
-    decode = bench_decode(args, dtype, device, copy_bw)
-    print("\ndecode (paged, flash-decoding)")
+    decode = [] if args.only == "prefill" else bench_decode(args, dtype, device, copy_bw)
+    print("\ndecode (paged, flash-decoding)" if decode else "")
     print(f"{'batch':>6} {'context':>8} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'splits':>6}")
     for r in decode:
         if "skipped" in r:
@@ -225,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['batch']:>6} {r['context']:>8} {r['ms']:>9.3f} {r['GB/s']:>8.0f} "
                   f"{r['fraction_of_copy_bw']:>8.2f} {r['num_splits']:>6}")
 
-    prefill = bench_prefill(args, dtype, device)
+    prefill = [] if args.only == "decode" else bench_prefill(args, dtype, device)
     print("\nprefill (causal) TFLOP/s and ratio to SDPA")
     print(f"{'batch':>6} {'seq_len':>8} {'fresh':>8} {'paged':>8} {'sdpa':>8} {'fresh/sdpa':>10} {'paged/sdpa':>10}")
     for r in prefill:
