@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001  (every failure is reported, then the exit status says so)
             failed += 1
             lines = [line for line in str(e).splitlines() if line.strip()] or [""]
-            first = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"  # where, then what
-            print(f"FAIL {case}: {kernel.__name__}: {type(e).__name__}: {first}")
-            rows.append(dict(case=case, kernel=kernel.__name__, error=f"{type(e).__name__}: {first}"))
+            message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"  # where, then what
+            print(f"FAIL {case}: {kernel.__name__}: {type(e).__name__}: {message}")
+            rows.append(dict(case=case, kernel=kernel.__name__, error=f"{type(e).__name__}: {message}"))
             continue
         key = (kernel.__name__, compiled.hash)
         if key in seen:
