@@ -236,30 +236,34 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(dict(command=sys.argv, device=torch.cuda.get_device_name(device), sweep=results), f)
         return 0
-    copy_bw = copy_bandwidth(device)
-    print(f"device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    copy_bw, decode, prefill = None, [], []
+    if args.only != "prefill":
+        copy_bw = copy_bandwidth(device)
+        print(f"device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
+        decode = bench_decode(args, dtype, device, copy_bw)
+        print("\ndecode (paged, flash-decoding)")
+        print(f"{'batch':>6} {'context':>8} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'splits':>6}")
+        for r in decode:
+            if "skipped" in r:
+                print(f"{r['batch']:>6} {r['context']:>8}   skipped: {r['skipped']}")
+            else:
+                print(f"{r['batch']:>6} {r['context']:>8} {r['ms']:>9.3f} {r['GB/s']:>8.0f} "
+                      f"{r['fraction_of_copy_bw']:>8.2f} {r['num_splits']:>6}")
 
-    decode = [] if args.only == "prefill" else bench_decode(args, dtype, device, copy_bw)
-    print("\ndecode (paged, flash-decoding)" if decode else "")
-    print(f"{'batch':>6} {'context':>8} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'splits':>6}")
-    for r in decode:
-        if "skipped" in r:
-            print(f"{r['batch']:>6} {r['context']:>8}   skipped: {r['skipped']}")
-        else:
-            print(f"{r['batch']:>6} {r['context']:>8} {r['ms']:>9.3f} {r['GB/s']:>8.0f} "
-                  f"{r['fraction_of_copy_bw']:>8.2f} {r['num_splits']:>6}")
-
-    prefill = [] if args.only == "decode" else bench_prefill(args, dtype, device)
-    print("\nprefill (causal) TFLOP/s and ratio to SDPA")
-    print(f"{'batch':>6} {'seq_len':>8} {'fresh':>8} {'paged':>8} {'sdpa':>8} {'fresh/sdpa':>10} {'paged/sdpa':>10}")
-    for r in prefill:
-        print(f"{r['batch']:>6} {r['seq_len']:>8} {r['fresh_TFLOPs']:>8.1f} {r['paged_TFLOPs']:>8.1f} "
-              f"{r['sdpa_TFLOPs']:>8.1f} {r['fresh_vs_sdpa']:>10.2f} {r['paged_vs_sdpa']:>10.2f}")
+    if args.only != "decode":
+        prefill = bench_prefill(args, dtype, device)
+        print("\nprefill (causal) TFLOP/s and ratio to SDPA")
+        print(f"{'batch':>6} {'seq_len':>8} {'fresh':>8} {'paged':>8} {'sdpa':>8} {'fresh/sdpa':>10} "
+              f"{'paged/sdpa':>10}")
+        for r in prefill:
+            print(f"{r['batch']:>6} {r['seq_len']:>8} {r['fresh_TFLOPs']:>8.1f} {r['paged_TFLOPs']:>8.1f} "
+                  f"{r['sdpa_TFLOPs']:>8.1f} {r['fresh_vs_sdpa']:>10.2f} {r['paged_vs_sdpa']:>10.2f}")
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(command=sys.argv, device=torch.cuda.get_device_name(device),
-                           copy_bandwidth_GBps=copy_bw / 1e9, decode=decode, prefill=prefill), f, indent=1)
+                           copy_bandwidth_GBps=None if copy_bw is None else copy_bw / 1e9, decode=decode,
+                           prefill=prefill), f, indent=1)
     return 0
 
 
